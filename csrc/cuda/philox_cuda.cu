@@ -1,0 +1,79 @@
+#include "cuda/philox_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "philox.h"
+
+namespace heron {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocks = 65535 * 4;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float value);
+template <>
+__device__ __forceinline__ float from_float<float>(float value) { return value; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
+  return __float2bfloat16_rn(value);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float value) { return __float2half_rn(value); }
+
+// Grid-stride loop: element i always uses counter offset + i, whatever the launch shape.
+template <typename T>
+__global__ void randn_kernel(T* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = from_float<T>(philox::randn_at(seed, offset + static_cast<uint64_t>(i)));
+  }
+}
+
+__global__ void words_kernel(uint4* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const philox::Words w = philox::words_at(seed, offset + static_cast<uint64_t>(i));
+    out[i] = make_uint4(w.w0, w.w1, w.w2, w.w3);
+  }
+}
+
+int grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
+}
+
+}  // namespace
+
+cudaError_t launch_philox_randn(void* out, ScalarKind kind, int64_t n, uint64_t seed,
+                                uint64_t offset, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const int grid = grid_for(n);
+  switch (kind) {
+    case ScalarKind::kFloat32:
+      randn_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<float*>(out), n, seed, offset);
+      break;
+    case ScalarKind::kBFloat16:
+      randn_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+          static_cast<__nv_bfloat16*>(out), n, seed, offset);
+      break;
+    case ScalarKind::kFloat16:
+      randn_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<__half*>(out), n, seed, offset);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_philox_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset,
+                                cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  words_kernel<<<grid_for(n), kThreads, 0, stream>>>(reinterpret_cast<uint4*>(out), n, seed, offset);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace heron
