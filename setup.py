@@ -68,7 +68,7 @@ def extensions() -> tuple[list, dict]:
     if want_cuda():
         ext = CUDAExtension(
             "heron._C",
-            sources=sources["cpu"] + sources["binding"] + sources["cuda"],
+            sources=sources["core"] + sources["aten"] + sources["cuda"] + sources.get("cuda_aten", []),
             define_macros=[("HERON_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
             **common,
@@ -76,7 +76,7 @@ def extensions() -> tuple[list, dict]:
     else:
         ext = CppExtension(
             "heron._C",
-            sources=sources["cpu"] + sources["binding"],
+            sources=sources["core"] + sources["aten"],
             extra_compile_args={"cxx": cxx_flags},
             **common,
         )
