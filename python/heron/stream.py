@@ -78,14 +78,18 @@ def _check_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(operator.index(d) for d in dims)
 
 
-def _check_device(device: torch.device | str | None) -> torch.device:
-    device = torch.get_default_device() if device is None else torch.device(device)
+def _check_device(device: torch.device) -> torch.device:
     if device.type not in backends.SUPPORTED_DEVICE_TYPES:
         raise ValueError(f"device must be a {' or '.join(backends.SUPPORTED_DEVICE_TYPES)} device, "
                          f"got {device}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} requested but CUDA is not available in this torch build")
     return device
+
+
+def _as_device(device: torch.device | str | None) -> torch.device:
+    # torch.empty(0) follows torch's default device (and stays traceable by torch.compile).
+    return torch.empty(0).device if device is None else torch.device(device)
 
 
 def seeded_randn(
@@ -112,13 +116,9 @@ def seeded_randn(
     dims = _check_shape(shape)
     if dtype not in STREAM_DTYPES:
         raise TypeError(f"dtype must be one of {STREAM_DTYPES}, got {dtype}")
-    device = _check_device(device)
-    numel = 1
-    for dim in dims:
-        numel *= dim
-    seed, offset = check_key(seed, offset, numel)
-    name = backends.resolve(backend, device)
-    out = torch.empty(dims, dtype=dtype, device=device)
+    out = torch.empty(dims, dtype=dtype, device=_check_device(_as_device(device)))
+    seed, offset = check_key(seed, offset, out.numel())
+    name = backends.resolve(backend, out.device)
     torch.ops.heron.philox_randn_(out, seed, offset, name)
     return out
 
@@ -134,10 +134,9 @@ def philox_words(
         offset + i. randn uses w0 and w1.
     """
     (n,) = _check_shape((n,))
-    device = _check_device(device)
+    out = torch.empty((n, 4), dtype=torch.int32, device=_check_device(_as_device(device)))
     seed, offset = check_key(seed, offset, n)
-    name = backends.resolve(backend, device)
-    out = torch.empty((n, 4), dtype=torch.int32, device=device)
+    name = backends.resolve(backend, out.device)
     torch.ops.heron.philox_words_(out, seed, offset, name)
     return out.to(torch.int64) & 0xFFFFFFFF
 

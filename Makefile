@@ -1,0 +1,57 @@
+# The two commands a newcomer needs: `make run` (the main job) and `make test` (all checks).
+# Both create .venv, install torch==2.13.0, triton and the project, and build the extension.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.heron-installed
+CSRC := $(shell find csrc -type f) setup.py pyproject.toml
+CMAKE_BUILD := cmake-build
+NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+RUN_ARGS ?=
+
+.PHONY: run test lint pytest cpp-test cuda-check bench clean setup
+
+run: $(INSTALLED)
+	$(VPY) -m heron run $(RUN_ARGS)
+
+test: lint pytest cpp-test cuda-check
+
+setup: $(INSTALLED)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: requirements-dev.txt | $(VPY)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+$(INSTALLED): $(VENV)/.deps $(CSRC)
+	$(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+lint: $(INSTALLED)
+	$(VPY) -m ruff check .
+
+pytest: $(INSTALLED)
+	$(VPY) -m pytest
+
+cpp-test:
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build $(CMAKE_BUILD) -j2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+# Compile-only check of the CUDA sources (no GPU needed); skipped when nvcc is absent.
+cuda-check:
+	@if [ -z "$(NVCC)" ]; then echo "cuda-check: nvcc not found, skipped"; exit 0; fi; \
+	for arch in sm_80 sm_90; do \
+	  for f in $$(awk '$$1 == "cuda" {print "csrc/" $$2}' csrc/SOURCES); do \
+	    $(NVCC) -std=c++17 -O3 -Icsrc -arch=$$arch -c $$f -o /dev/null || exit 1; \
+	  done; \
+	done; echo "cuda-check: CUDA sources compile for sm_80 and sm_90"
+
+bench: $(INSTALLED)
+	$(VPY) -m pytest bench -m bench --benchmark-json=bench/results/latest.json $(BENCH_ARGS)
+
+clean:
+	rm -rf build $(CMAKE_BUILD) *.egg-info python/heron/_C*.so
