@@ -8,6 +8,8 @@ import torch
 import heron  # noqa: F401 - registers torch.ops.heron
 from heron import backends
 
+from .timing import sync
+
 pytestmark = pytest.mark.bench
 
 N = 1 << 24  # 16.8 M normals: large enough to amortise launch and thread start-up
@@ -29,11 +31,6 @@ def _cases():
             yield pytest.param(device, backend, id=f"{device}-{backend}")
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize(("device", "backend"), list(_cases()))
 def test_seeded_randn_throughput(benchmark, record, device, backend):
     if backend != "torch.randn" and backends.unavailable_reason(backend, device):
@@ -42,11 +39,11 @@ def test_seeded_randn_throughput(benchmark, record, device, backend):
     if backend == "torch.randn":
         def run():
             torch.randn(N, out=out)
-            _sync(device)
+            sync(device)
     else:
         def run():
             torch.ops.heron.philox_randn_(out, 1234, 2**33, backend)
-            _sync(device)
+            sync(device)
     run()
     benchmark.pedantic(run, rounds=10, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
@@ -66,10 +63,10 @@ def _baseline(device: str) -> float:
         out = torch.empty(N, device=device)
         times = []
         for _ in range(12):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             torch.randn(N, out=out)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         _BASELINES[device] = sorted(times[2:])[len(times[2:]) // 2]
     return _BASELINES[device]

@@ -1,0 +1,60 @@
+"""Seeded in-place updates per backend, side by side with a plain in-place p.add_(q) of the same
+tensor (the memory-bound floor of touching p once), and the unfused reference (materialise z)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heron
+from heron import functional as HF
+from heron.memory import peak_memory
+from tests.helpers import op_available
+
+from .timing import median_time
+
+pytestmark = pytest.mark.bench
+
+SIZES = [1 << 20, 1 << 24]
+
+
+def _cases():
+    devices = [("cpu", "cpu")]
+    if torch.cuda.is_available():
+        devices += [("cuda", "triton"), ("cuda", "cuda")]
+    for device, backend in devices:
+        for n in SIZES:
+            yield pytest.param(device, backend, n, id=f"{device}-{backend}-{n}")
+
+
+@pytest.mark.parametrize(("device", "backend", "n"), list(_cases()))
+@pytest.mark.parametrize("update", ["sgd", "adam", "perturb"])
+def test_update_vs_add(record, device, backend, n, update):
+    op = {"sgd": "zo_sgd_update_", "adam": "zo_adam_update_", "perturb": "perturb_"}[update]
+    if not op_available(backend, device, op):
+        pytest.skip(f"{backend} {op} not available on {device}")
+    p = torch.randn(n, device=device)
+    q = torch.randn(n, device=device)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    step = [0]
+
+    def fused():
+        if update == "sgd":
+            HF.zo_sgd_update_(p, 7, 0.1, lr=1e-6, backend=backend)
+        elif update == "adam":
+            step[0] += 1
+            HF.zo_adam_update_(p, m, v, 7, 0.1, lr=1e-6, step=step[0], backend=backend)
+        else:
+            HF.perturb_(p, 7, alpha=1e-6, backend=backend)
+
+    def unfused():
+        z = heron.seeded_randn(n, 7, device=device)
+        p.add_(z, alpha=-1e-7)
+
+    rounds = 10
+    t_fused = median_time(fused, device, rounds)
+    t_add = median_time(lambda: p.add_(q, alpha=1e-9), device, rounds)
+    t_unfused = median_time(unfused, device, rounds)
+    record("updates", op=op, device=device, backend=backend, n=n, fused_s=t_fused, add_s=t_add, unfused_s=t_unfused,
+           fused_over_add=t_fused / t_add, fused_extra_bytes=peak_memory(fused, device)[1],
+           unfused_extra_bytes=peak_memory(unfused, device)[1])

@@ -1,0 +1,41 @@
+"""Shared test helpers: backend lists and dtype-aware closeness."""
+
+from __future__ import annotations
+
+import torch
+
+from heron import backends
+
+# Launcher names per op for each compiled/Triton backend (docs/kernels.md).
+OPS = ("perturbed_linear", "lora_perturbed_linear", "zo_sgd_update_", "zo_adam_update_", "perturb_")
+
+
+def op_available(backend: str, device_type: str, op: str) -> bool:
+    if backends.unavailable_reason(backend, device_type) is not None:
+        return False
+    if backend == "torch":
+        return True
+    if backend == "triton":
+        return hasattr(backends.triton_kernels(), op)
+    suffix = "_cpu" if backend == "cpu" else "_cuda"
+    return hasattr(backends.extension(), op.rstrip("_") + suffix)
+
+
+def cpu_backends(op: str) -> list[str]:
+    return [b for b in ("cpu", "triton", "torch") if op_available(b, "cpu", op)]
+
+
+def assert_close_like_torch(got: torch.Tensor, reference: torch.Tensor, torch_lowp: torch.Tensor | None,
+                            *, fp32_rtol: float = 1e-4) -> None:
+    """got vs the float32 reference: float32 within fp32_rtol of the output scale; low precision
+    no looser than twice the error of the same computation done by PyTorch at that dtype."""
+    assert got.shape == reference.shape and got.dtype == reference.dtype
+    scale = reference.float().abs().max().item() + 1e-6
+    error = (got.float() - reference.float()).abs().max().item()
+    if got.dtype == torch.float32:
+        assert error <= fp32_rtol * scale, f"max error {error:.3g} > {fp32_rtol} * scale {scale:.3g}"
+        return
+    assert torch_lowp is not None
+    torch_error = (torch_lowp.float() - reference.float()).abs().max().item()
+    ulp = torch.finfo(got.dtype).eps * scale
+    assert error <= 2 * torch_error + ulp, f"max error {error:.3g} > 2 * torch's {torch_error:.3g} + ulp {ulp:.3g}"
