@@ -1,0 +1,89 @@
+"""Per-step cost of an updater: peak memory, FLOPs and wall time.
+
+peak_memory_bytes = bytes the client holds before the step (its model's parameters and buffers,
+the updater's optimizer state, the batch) + the peak of tensor memory allocated during the step
+(CUDA allocator statistics on GPU, the PyTorch profiler's memory events on CPU).
+flops: torch.utils.flop_counter over the step, heron's fused ops counted by their registered
+formulas. time_s: the median wall time of `repeats` steps. Measurements run on a deep copy of the
+updater after `warmup` steps, so the caller's model is not touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from heron.memory import peak_memory
+
+
+@dataclass
+class StepProfile:
+    peak_memory_bytes: int
+    step_peak_bytes: int
+    resident_bytes: int
+    flops: int
+    time_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tensor_bytes(value: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+
+    def visit(v: Any) -> None:
+        nonlocal total
+        if isinstance(v, torch.Tensor):
+            key = v.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += v.untyped_storage().nbytes()
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                visit(item)
+
+    visit(value)
+    return total
+
+
+def _resident_bytes(updater: Any, batch: Any) -> int:
+    model = updater.model
+    state = updater.state_dict()
+    return _tensor_bytes([list(model.parameters()), list(model.buffers()), state, batch])
+
+
+def _device(updater: Any) -> torch.device:
+    return next(updater.model.parameters()).device
+
+
+def profile_step(updater: Any, batch: Any, *, warmup: int = 1, repeats: int = 3) -> StepProfile:
+    """Profile one step of `updater` on `batch` (on a copy; see the module docstring)."""
+    work = copy.deepcopy(updater)
+    device = _device(work)
+    for _ in range(warmup):
+        work.step(batch)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work.step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    with FlopCounterMode(display=False) as counter:
+        work.step(batch)
+    resident = _resident_bytes(work, batch)
+    _, step_peak = peak_memory(lambda: work.step(batch), device)
+    return StepProfile(peak_memory_bytes=resident + step_peak, step_peak_bytes=step_peak, resident_bytes=resident,
+                       flops=int(counter.get_total_flops()), time_s=statistics.median(times))
