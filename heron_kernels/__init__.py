@@ -4,6 +4,16 @@ Importing this package imports triton. Set TRITON_INTERPRET=1 *before* the impor
 kernels on CPU tensors through Triton's interpreter (how CI tests them).
 """
 
+from heron_kernels.linear import lora_perturbed_linear, perturbed_linear
 from heron_kernels.philox import philox_randn, philox_words
+from heron_kernels.updates import perturb_, zo_adam_update_, zo_sgd_update_
 
-__all__ = ["philox_randn", "philox_words"]
+__all__ = [
+    "lora_perturbed_linear",
+    "perturb_",
+    "perturbed_linear",
+    "philox_randn",
+    "philox_words",
+    "zo_adam_update_",
+    "zo_sgd_update_",
+]
