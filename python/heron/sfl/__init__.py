@@ -1,0 +1,1 @@
+"""Split federated learning (HERON-SFL): datasets and partitions, roles, the round loop, checkpoints."""

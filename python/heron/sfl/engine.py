@@ -1,0 +1,338 @@
+"""The HERON-SFL round loop for every method, on one machine.
+
+One round: the fed server's client model is broadcast; each client in turn runs h local steps;
+for the auxiliary-head methods (heron, cse-fsl, mezo) the main server then trains on that
+client's uploaded smashed data; for SFL-V1/V2 client and server alternate every step (the server
+returns the cut-layer gradient; V1 trains a server copy per client and averages them, V2 one
+server model sequentially). The fed server averages the client models (FedAvg). Every round is
+evaluated (test accuracy of server(client(x))) and checkpointed atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from heron.configs import UPDATERS
+from heron.profile import profile_step
+from heron.sfl import checkpoint as ckpt
+from heron.sfl.data import load_dataset, split_clients
+from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, ImageShape, build_split_model, check_method
+from heron.sfl.roles import Client, ClientBatches, FedServer, MainServer, SplitClient, Upload, state_bytes
+from heron.sfl.state import pack, unpack
+from heron.stream import derive_seed
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on. The checkpoint stores it and a resumed run must match it."""
+
+    method: str = "heron"
+    model: str = "cnn"
+    dataset: str = "mnist"
+    clients: int = 5
+    rounds: int = 10
+    local_steps: int = 10
+    upload_every: int = 1
+    batch_size: int = 64
+    partition: str = "iid"
+    alpha: float = 0.5
+    client_optimizer: str = "adam"
+    client_lr: float = 1e-3
+    zo_lr: float = 1e-3
+    mu: float = 1e-3
+    q: int = 1
+    server_optimizer: str = "adam"
+    server_lr: float = 1e-3
+    weighting: str = "samples"
+    seed: int = 0
+    device: str = "cpu"
+    backend: str | None = None
+
+    def validate(self) -> TrainConfig:
+        check_method(self.method)
+        for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    test_accuracy: float
+    client_loss: float
+    server_loss: float | None
+    bytes_up: int
+    bytes_down: int
+    seconds: float
+    skipped_steps: int = 0
+
+
+@dataclass
+class MethodReport:
+    method: str
+    final_accuracy: float
+    client_peak_memory_bytes: int
+    client_flops_per_step: int
+    client_step_time_s: float
+    bytes_up: int
+    bytes_down: int
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(f"optimizer must be one of sgd, adam, adamw, got {name!r}")
+
+
+class _SplitClientStep:
+    """Profiling stand-in for an SFL-V1/V2 client step: forward, backward with a server-shaped gradient."""
+
+    def __init__(self, client: SplitClient):
+        self.model, self.client = client.model, client
+
+    def step(self, batch):
+        x, _ = batch
+        out = self.client.model(x)
+        out.backward(torch.ones_like(out) / out.numel())
+        self.client.optimizer.step()
+        self.client.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return self.client.optimizer.state_dict()
+
+
+class Experiment:
+    """One method's run; `run()` returns its MethodReport."""
+
+    def __init__(self, config: TrainConfig, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                 progress: Callable[[str], None] | None = None, dataset=None, client_data=None):
+        self.config = config.validate()
+        self.device = torch.device(config.device)
+        self.log = progress or (lambda message: None)
+        self.dataset = dataset if dataset is not None else load_dataset(config.dataset, seed=config.seed)
+        self.client_data = client_data if client_data is not None else split_clients(
+            self.dataset, config.clients, config.partition, config.alpha, config.seed)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.resume = resume
+        self._build()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        shape = ImageShape(self.dataset.in_channels, self.dataset.image_size, self.dataset.num_classes)
+        torch.manual_seed(cfg.seed)
+        split = build_split_model(cfg.model, shape).to(self.device)
+        self.aux_method = cfg.method in AUX_METHODS
+        self.loss_fn = nn.functional.cross_entropy
+        self.global_model = split.client_with_aux() if self.aux_method else split.client
+        self.server_model = split.server
+        self.server = MainServer(self.server_model, _optimizer(cfg.server_optimizer, self.server_model.parameters(),
+                                                               cfg.server_lr), self.loss_fn)
+        self.fed = FedServer(cfg.weighting)
+        self.clients = [self._make_client(i, data) for i, data in enumerate(self.client_data)]
+        self.history: list[RoundRecord] = []
+        self.start_round = 0
+        self.eval_client = copy.deepcopy(split.client)
+
+    def _make_client(self, client_id: int, data):
+        cfg = self.config
+        model = copy.deepcopy(self.global_model)
+        batches = ClientBatches(data.x, data.y, cfg.batch_size, cfg.seed, client_id)
+        if not self.aux_method:
+            optimizer = _optimizer(cfg.client_optimizer, model.parameters(), cfg.client_lr)
+            return SplitClient(client_id, model, optimizer, batches, local_steps=cfg.local_steps, device=self.device)
+        kind = UPDATER_OF_METHOD[cfg.method]
+        kwargs: dict[str, Any] = {"optimizer": cfg.client_optimizer, "seed": derive_seed(cfg.seed, client_id),
+                                  "cut": "0", "lr": cfg.client_lr}
+        if kind in ("zo", "mezo"):
+            kwargs.update(mu=cfg.mu, q=cfg.q, lr=cfg.zo_lr)
+        if kind == "zo" and cfg.backend is not None:
+            kwargs["backend"] = cfg.backend
+        updater = UPDATERS[kind](model, self.loss_fn, **kwargs)
+        return Client(client_id, model, updater, batches, local_steps=cfg.local_steps,
+                      upload_every=cfg.upload_every, device=self.device)
+
+    # -- one round --------------------------------------------------------------------------
+    def _broadcast(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
+
+    def run_round(self, round_index: int) -> RoundRecord:
+        start = time.perf_counter()
+        state = self._broadcast()
+        down = state_bytes(state) * len(self.clients)
+        if self.aux_method:
+            states, counts, up, client_losses, server_losses, skipped = self._aux_round(round_index, state)
+        else:
+            states, counts, up, down_grads, client_losses, server_losses = self._split_round(round_index, state)
+            down += down_grads
+            skipped = 0
+        self.global_model.load_state_dict(self.fed.aggregate(states, counts))
+        record = RoundRecord(
+            round=round_index + 1, test_accuracy=self.evaluate(),
+            client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
+            server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
+            bytes_up=up, bytes_down=down, seconds=time.perf_counter() - start, skipped_steps=skipped)
+        self.history.append(record)
+        return record
+
+    def _aux_round(self, round_index: int, state):
+        states, counts, client_losses, server_losses = [], [], [], []
+        up, skipped = 0, 0
+        for client in self.clients:
+            client.set_state(state)
+            result = client.run_round(round_index)
+            for upload in result.uploads:
+                server_losses.append(self.server.train_on(upload))
+                up += upload.nbytes
+            up += state_bytes(result.state)
+            states.append(result.state)
+            counts.append(result.num_samples)
+            client_losses.extend(result.losses)
+            skipped += result.skipped_steps
+            self.log(f"round {round_index + 1} client {client.client_id}: loss {result.losses[-1]:.4f}")
+        return states, counts, up, client_losses, server_losses, skipped
+
+    def _split_round(self, round_index: int, state):
+        cfg = self.config
+        states, counts, client_losses, server_losses = [], [], [], []
+        up = down = 0
+        base_server = {k: v.detach().clone() for k, v in self.server_model.state_dict().items()}
+        server_states = []
+        for client in self.clients:
+            client.set_state(state)
+            if cfg.method == "sflv1":  # every client trains its own copy of the server
+                self.server_model.load_state_dict(base_server)
+            for step in range(cfg.local_steps):
+                upload: Upload = client.forward(round_index, step)
+                loss, grad = self.server.forward_backward(upload)
+                client.backward(grad)
+                up += upload.nbytes
+                down += grad.numel() * grad.element_size()
+                server_losses.append(loss)
+                client_losses.append(loss)
+            if cfg.method == "sflv1":
+                server_states.append({k: v.detach().clone() for k, v in self.server_model.state_dict().items()})
+            result_state = client.state()
+            up += state_bytes(result_state)
+            states.append(result_state)
+            counts.append(client.num_samples)
+            self.log(f"round {round_index + 1} client {client.client_id}: loss {client_losses[-1]:.4f}")
+        if cfg.method == "sflv1":
+            self.server_model.load_state_dict(self.fed.aggregate(server_states, counts))
+        return states, counts, up, down, client_losses, server_losses
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 500) -> float:
+        """Test accuracy of the split model server(client(x)) with the aggregated client part."""
+        client_part = self.global_model[0] if self.aux_method else self.global_model
+        self.eval_client.load_state_dict(client_part.state_dict())
+        self.eval_client.eval()
+        self.server_model.eval()
+        correct = 0
+        x_test, y_test = self.dataset.x_test, self.dataset.y_test
+        for start in range(0, len(y_test), batch_size):
+            x = x_test[start:start + batch_size].to(self.device)
+            logits = self.server_model(self.eval_client(x))
+            correct += int((logits.argmax(1).cpu() == y_test[start:start + batch_size]).sum())
+        return correct / len(y_test)
+
+    # -- profiling ---------------------------------------------------------------------------
+    def profile_client(self):
+        """Peak memory / FLOPs / time of one client step of client 0, on a copy (the run is not touched)."""
+        client = self.clients[0]
+        batch = tuple(t.to(self.device) for t in client.batches.batch(0, 0))
+        stepper = client.updater if self.aux_method else _SplitClientStep(client)
+        return profile_step(stepper, batch, warmup=1, repeats=1)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def _checkpoint_path(self, round_number: int) -> Path:
+        return self.checkpoint_dir / f"{self.config.method}-round{round_number:05d}.safetensors"
+
+    def _metadata(self) -> dict[str, Any]:
+        # `rounds` is left out so a finished run can be resumed to train further.
+        identity = {k: v for k, v in asdict(self.config).items() if k != "rounds"}
+        return {"config": identity, "format": 1}
+
+    def save(self, round_number: int) -> Path:
+        clients_state = []
+        for client in self.clients:
+            if self.aux_method:
+                clients_state.append({"updater": client.updater.state_dict()})
+            else:
+                clients_state.append({"optimizer": client.optimizer.state_dict()})
+        tensors, skeleton = pack({
+            "global": self.global_model.state_dict(), "server": self.server_model.state_dict(),
+            "server_optimizer": self.server.optimizer.state_dict(), "clients": clients_state})
+        metadata = {**self._metadata(), "round": round_number, "skeleton": skeleton,
+                    "history": [asdict(r) for r in self.history]}
+        path = self._checkpoint_path(round_number)
+        ckpt.save_checkpoint(path, tensors, metadata)
+        return path
+
+    def load(self, path: Path) -> None:
+        tensors, metadata = ckpt.load_checkpoint(path, expected_metadata=self._metadata())
+        flat = _flatten(tensors)
+        state = unpack(metadata["skeleton"], flat)
+        try:
+            self.global_model.load_state_dict(state["global"])
+            self.server_model.load_state_dict(state["server"])
+            self.server.optimizer.load_state_dict(state["server_optimizer"])
+            for client, saved in zip(self.clients, state["clients"], strict=True):
+                if self.aux_method:
+                    client.updater.load_state_dict(saved["updater"])
+                else:
+                    client.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not match this run's model: {error}") from error
+        self.history = [RoundRecord(**r) for r in metadata["history"]]
+        self.start_round = int(metadata["round"])
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> MethodReport:
+        if self.resume and self.checkpoint_dir is not None:
+            latest = ckpt.latest_checkpoint(self.checkpoint_dir, self.config.method)
+            if latest is not None:
+                self.load(latest)
+                self.log(f"resumed from {latest} after round {self.start_round}")
+        profile = self.profile_client()
+        for round_index in range(self.start_round, self.config.rounds):
+            record = self.run_round(round_index)
+            if self.checkpoint_dir is not None:
+                self.save(round_index + 1)
+            if on_round is not None:
+                on_round(record)
+        return MethodReport(
+            method=self.config.method, final_accuracy=self.history[-1].test_accuracy if self.history else 0.0,
+            client_peak_memory_bytes=profile.peak_memory_bytes, client_flops_per_step=profile.flops,
+            client_step_time_s=profile.time_s, bytes_up=sum(r.bytes_up for r in self.history),
+            bytes_down=sum(r.bytes_down for r in self.history), rounds=list(self.history))
+
+    def client_parameters(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """load_checkpoint's nested dict back to the flat '/'-joined paths that pack produced."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else key))
+    return flat
