@@ -70,7 +70,7 @@ def extensions() -> tuple[list, dict]:
             "heron._C",
             sources=sources["core"] + sources["aten"] + sources["cuda"] + sources.get("cuda_aten", []),
             define_macros=[("HERON_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
             **common,
         )
     else:
