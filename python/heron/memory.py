@@ -7,6 +7,7 @@ heron's C++ kernels); memory allocated outside PyTorch's allocator is not seen.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,6 +18,9 @@ T = TypeVar("T")
 
 def _cpu_peak(fn: Callable[[], T]) -> tuple[T, int]:
     from torch.profiler import ProfilerActivity, profile
+
+    # Kineto prints a start/stop line per profile at its default level; read when the profiler starts.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
