@@ -206,9 +206,11 @@ def test_replay_from_seeds_and_scalars_is_bit_identical(optimizer):
 
 
 def test_zo_training_on_digits_beats_chance_quickly():
-    from heron.demo import load_digits_split
+    from heron.sfl.data import load_dataset
 
-    x_train, y_train, x_test, y_test = load_digits_split(0)
+    digits = load_dataset("digits", seed=0)
+    x_train, y_train = digits.x_train.flatten(1), digits.y_train
+    x_test, y_test = digits.x_test.flatten(1), digits.y_test
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=3e-3, optimizer="adam", seed=0)
