@@ -1,0 +1,374 @@
+// Perturbed linear layers: plain ATen GEMMs (MKL) into column blocks of the outputs, the direction
+// generated tile by tile into a reusable float32 buffer of at most linear_tile_bytes().
+//
+// Work split: the output columns (= weight rows) are cut into fixed row blocks of the weight, and
+// each block is one task run by one thread, whose GEMMs run single-threaded (SequentialBlas).
+// The partition depends only on the shapes and the tile budget, so results are bit-identical for
+// any thread count (MKL's own multi-threaded GEMM is not). Inside a block, the K axis is cut into
+// tiles of the buffer's width; every sum is float32.
+//
+// Peak extra memory beyond the two (M, N) outputs, in bytes (T = linear_tile_bytes(), 1 MiB by
+// default, P = threads; r = rank):
+//   float32 inputs
+//     full (shared input or two inputs)   P*T + 8N (z_b, b + mu z_b)
+//     low rank                            4r(N + K) (U, V) + 4Mr (x_pert V) + 8N
+//     LoRA                                4r(N + K) (A + mu Z_A, B + mu Z_B) + 8Mr (x A^T, x_pert A_pert^T)
+//   bfloat16 / float16 inputs: the same plus P*T for low rank and LoRA (weight tiles converted to
+//   float32; the weight is never converted whole), float32 copies of x and x_pert (4MK each),
+//   bias (4N), LoRA A and B (4r(N + K)), and the two float32 outputs (8MN) converted to x's dtype
+//   at the end.
+#include "cpu/zo_linear_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "cpu/philox_cpu.h"
+
+// MKL (linked into libtorch_cpu on x86) exports this; weak so a torch built on another BLAS still
+// loads (that BLAS, e.g. OpenBLAS, already runs single-threaded inside an OpenMP region).
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
+namespace heron {
+namespace cpu {
+namespace {
+
+// Makes the BLAS single-threaded on this thread for the guard's lifetime. ATen turns MKL's dynamic
+// threading off, so inside a parallel region MKL would otherwise partition each GEMM for the
+// global thread count, and the result bits would depend on it.
+class SequentialBlas {
+ public:
+  SequentialBlas() : previous_(set_local_threads(1)) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  static int set_local_threads(int threads) {
+    if (MKL_Set_Num_Threads_Local == nullptr) return 0;
+    // ATen initialises each thread's settings lazily on its first parallel call, and that resets
+    // MKL's thread-local count: do it first, so it cannot undo the setting below mid-task.
+    at::get_num_threads();
+    return MKL_Set_Num_Threads_Local(threads);
+  }
+
+  int previous_;
+};
+
+std::atomic<int64_t> g_tile_bytes{int64_t{1} << 20};
+
+// Rows of x per task of the skinny (M, K) x (K, r) products.
+constexpr int64_t kRowsPerTask = 256;
+// A weight row block has at most this many rows (the width of each GEMM call)...
+constexpr int64_t kMaxBlockRows = 256;
+// ...and layers are cut into at least this many blocks (when each keeps kMinBlockRows rows), so
+// small layers still spread over the threads.
+constexpr int64_t kMinBlocks = 8;
+constexpr int64_t kMinBlockRows = 32;
+
+// The fixed partition of an (N, K) weight: row blocks of `rows` (the last may be shorter), each
+// swept in K tiles of `cols` columns; rows * cols fits the tile budget.
+struct Partition {
+  int64_t n, k;
+  int64_t rows, cols, blocks;
+};
+
+Partition partition(int64_t n, int64_t k) {
+  const int64_t budget = std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
+  int64_t rows = std::min(n, kMaxBlockRows);
+  rows = std::min(rows, std::max(kMinBlockRows, (n + kMinBlocks - 1) / kMinBlocks));
+  rows = std::max<int64_t>(1, std::min(rows, budget));
+  const int64_t cols = std::max<int64_t>(1, std::min(k, budget / rows));
+  // Even out the blocks: the same count, sizes differing by at most one.
+  const int64_t blocks = n == 0 ? 0 : (n + rows - 1) / rows;
+  if (blocks > 0) rows = (n + blocks - 1) / blocks;
+  return {n, k, rows, cols, blocks};
+}
+
+// Calls body(n0, rows, buffer) for every row block, blocks spread over the threads; `buffer` is a
+// float32 tensor of rows * cols elements private to the thread, allocated once per thread (and
+// only when `with_buffer`: float32 frozen products need none).
+template <typename Body>
+void for_each_block(const Partition& p, bool with_buffer, Body body) {
+  at::parallel_for(0, p.blocks, 1, [&](int64_t first, int64_t last) {
+    const SequentialBlas sequential;
+    at::Tensor buffer = with_buffer ? at::empty({p.rows * p.cols}, at::kFloat) : at::Tensor();
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t n0 = block * p.rows;
+      body(n0, std::min(p.rows, p.n - n0), buffer);
+    }
+  });
+}
+
+// Calls fn(k0, tile) for the K tiles of a block of `rows` weight rows; tile is a contiguous
+// (rows, cols) view of the buffer.
+template <typename Fn>
+void for_each_k_tile(const Partition& p, int64_t rows, at::Tensor& buffer, Fn fn) {
+  for (int64_t k0 = 0; k0 < p.k; k0 += p.cols) {
+    const int64_t cols = std::min(p.cols, p.k - k0);
+    at::Tensor tile = buffer.narrow(0, 0, rows * cols).view({rows, cols});
+    fn(k0, tile);
+  }
+}
+
+// tile = base + alpha * Z at weight position (n0, k0), Z keyed (seed, offset) on a (N, K) tensor
+// (base null: alpha * Z; base may be the tile itself). Single-threaded inside a block task.
+void fill_direction(at::Tensor& tile, uint64_t seed, uint64_t offset, int64_t k_total, int64_t n0, int64_t k0,
+                    float alpha, const float* base, int64_t ld_base) {
+  const DirectionTile key{seed, offset, k_total, n0, n0 + tile.size(0), k0, k0 + tile.size(1)};
+  philox_randn_tile(tile.data_ptr<float>(), tile.size(1), key, alpha, base, ld_base);
+}
+
+// The weight tile at (n0, k0) as float32 into `tile`.
+void load_weight_tile(at::Tensor& tile, const at::Tensor& weight, int64_t n0, int64_t k0) {
+  tile.copy_(weight.narrow(0, n0, tile.size(0)).narrow(1, k0, tile.size(1)));
+}
+
+// y += alpha * x[:, k0:k0+cols] @ tile^T, y a column block of an output: BLAS writes the strided
+// slice directly (its row stride N is a valid leading dimension).
+void add_tile_product(at::Tensor& y, const at::Tensor& x, const at::Tensor& tile, int64_t k0, double alpha) {
+  y.addmm_(x.narrow(1, k0, tile.size(1)), tile.t(), 1.0, alpha);
+}
+
+// float32 tensor of shape `sizes` whose flat element i is randn(seed, offset + i).
+at::Tensor direction(uint64_t seed, uint64_t offset, at::IntArrayRef sizes) {
+  at::Tensor out = at::empty(sizes, at::kFloat);
+  philox_randn(out.data_ptr<float>(), ScalarKind::kFloat32, out.numel(), seed, offset);
+  return out;
+}
+
+// base + alpha * Z over a whole (rows, cols) float32 tensor, Z keyed (seed, offset): one pass.
+at::Tensor perturbed_copy(const at::Tensor& base, uint64_t seed, uint64_t offset, float alpha) {
+  at::Tensor out = at::empty_like(base);
+  const int64_t rows = base.size(0), cols = base.size(1);
+  const DirectionTile key{seed, offset, cols, 0, rows, 0, cols};
+  philox_randn_tile(out.data_ptr<float>(), cols, key, alpha, base.data_ptr<float>(), cols);
+  return out;
+}
+
+at::Tensor as_float(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return as_float(*t);
+}
+
+// (0, N) outputs for an empty batch: nothing to generate or multiply.
+std::tuple<at::Tensor, at::Tensor> empty_outputs(const at::Tensor& x, const at::Tensor& weight) {
+  return {x.new_empty({0, weight.size(0)}), x.new_empty({0, weight.size(0)})};
+}
+
+at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) { return y.scalar_type() == dtype ? y : y.to(dtype); }
+
+// x (M, K) @ mat (K, r) -> float32 (M, r), in fixed blocks of rows (thread-count independent).
+at::Tensor skinny_product(const at::Tensor& x, const at::Tensor& mat) {
+  const int64_t m = x.size(0);
+  at::Tensor out = at::empty({m, mat.size(1)}, at::kFloat);
+  const int64_t tasks = (m + kRowsPerTask - 1) / kRowsPerTask;
+  at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
+    const SequentialBlas sequential;
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t m0 = task * kRowsPerTask, rows = std::min(kRowsPerTask, m - m0);
+      at::Tensor out_rows = out.narrow(0, m0, rows);
+      at::mm_out(out_rows, x.narrow(0, m0, rows), mat);
+    }
+  });
+  return out;
+}
+
+// The output column block n0..n0+rows initialised to `row` (N,) broadcast, or zeros.
+void init_columns(at::Tensor& y_cols, const std::optional<at::Tensor>& row, int64_t n0) {
+  if (row.has_value()) {
+    y_cols.copy_(row->narrow(0, n0, y_cols.size(1)).unsqueeze(0).expand_as(y_cols));
+  } else {
+    y_cols.zero_();
+  }
+}
+
+// One stream's frozen product over a column block: y_cols = x_f @ W[n0:n0+rows]^T + bias[n0:...].
+struct FrozenStream {
+  const at::Tensor* x_f;                 // (M, K) float32
+  at::Tensor* y;                         // (M, N) float32 output
+  const std::optional<at::Tensor>* bias; // (N,) float32 or none
+};
+
+// The frozen products of one or two streams over a block: a float32 weight block goes to the
+// GEMM as it is (one call); a low-precision one is converted tile by tile (once for both streams).
+void frozen_block(const Partition& p, const at::Tensor& weight, int64_t n0, int64_t rows, at::Tensor& buffer,
+                  const FrozenStream& first, const FrozenStream* second) {
+  const int64_t count = second == nullptr ? 1 : 2;
+  const FrozenStream* streams[2] = {&first, second};
+  at::Tensor cols[2];
+  for (int64_t s = 0; s < count; ++s) {
+    cols[s] = streams[s]->y->narrow(1, n0, rows);
+    init_columns(cols[s], *streams[s]->bias, n0);
+  }
+  if (weight.scalar_type() == at::kFloat) {
+    const at::Tensor w_block = weight.narrow(0, n0, rows);
+    for (int64_t s = 0; s < count; ++s) cols[s].addmm_(*streams[s]->x_f, w_block.t());
+    return;
+  }
+  for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
+    load_weight_tile(tile, weight, n0, k0);
+    for (int64_t s = 0; s < count; ++s) add_tile_product(cols[s], *streams[s]->x_f, tile, k0, 1.0);
+  });
+}
+
+// Everything the full-direction block bodies read.
+struct FullProblem {
+  const at::Tensor& x_f;                      // (M, K) float32
+  const std::optional<at::Tensor>& x_pert_f;  // (M, K) float32 or none
+  const at::Tensor& weight;                   // (N, K), x's dtype
+  const std::optional<at::Tensor>& bias_f;    // (N,) float32 or none
+  const std::optional<at::Tensor>& z_b;       // (N,) float32 or none
+  const std::optional<at::Tensor>& b_pert;    // bias_f + mu z_b or none
+  const LinearKey& key;
+  float mu;
+};
+
+// Shared input, one block: y_pert = y_base + mu z_b + mu * x Z^T, Z generated tile by tile.
+void shared_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_base, at::Tensor& y_pert, int64_t n0,
+                       int64_t rows, at::Tensor& buffer) {
+  frozen_block(p, f.weight, n0, rows, buffer, FrozenStream{&f.x_f, &y_base, &f.bias_f}, nullptr);
+  at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
+  pert_cols.copy_(y_base.narrow(1, n0, rows));
+  if (f.z_b.has_value()) pert_cols.add_(f.z_b->narrow(0, n0, rows), f.mu);
+  for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
+    fill_direction(tile, f.key.seed, f.key.weight_offset, p.k, n0, k0, 1.0f, nullptr, 0);
+    add_tile_product(pert_cols, f.x_f, tile, k0, f.mu);
+  });
+}
+
+// Two inputs, one block: y_pert = (b + mu z_b) + x_pert (W + mu Z)^T, each tile of W + mu Z
+// built in the buffer (float32 W read in place; a low-precision tile converted, perturbed in place).
+void two_input_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_base, at::Tensor& y_pert,
+                          int64_t n0, int64_t rows, at::Tensor& buffer) {
+  frozen_block(p, f.weight, n0, rows, buffer, FrozenStream{&f.x_f, &y_base, &f.bias_f}, nullptr);
+  at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
+  init_columns(pert_cols, f.b_pert, n0);
+  const bool float_weight = f.weight.scalar_type() == at::kFloat;
+  for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
+    const float* base;
+    int64_t ld_base;
+    if (float_weight) {
+      base = f.weight.data_ptr<float>() + n0 * p.k + k0;
+      ld_base = p.k;
+    } else {
+      load_weight_tile(tile, f.weight, n0, k0);
+      base = tile.data_ptr<float>();
+      ld_base = tile.size(1);
+    }
+    fill_direction(tile, f.key.seed, f.key.weight_offset, p.k, n0, k0, f.mu, base, ld_base);
+    add_tile_product(pert_cols, *f.x_pert_f, tile, k0, 1.0);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> full_linear(const FullProblem& f) {
+  const int64_t m = f.x_f.size(0), n = f.weight.size(0);
+  at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
+  const Partition p = partition(n, f.weight.size(1));
+  for_each_block(p, /*with_buffer=*/true, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
+    if (f.x_pert_f.has_value()) {
+      two_input_full_block(p, f, y_base, y_pert, n0, rows, buffer);
+    } else {
+      shared_full_block(p, f, y_base, y_pert, n0, rows, buffer);
+    }
+  });
+  return {y_base, y_pert};
+}
+
+// Low rank: y_pert = [y_base + mu z_b | x_pert W^T + b + mu z_b] + mu ((x_pert V) U^T) / sqrt(rank).
+std::tuple<at::Tensor, at::Tensor> lowrank_linear(const FullProblem& f) {
+  const int64_t m = f.x_f.size(0), n = f.weight.size(0), k = f.weight.size(1);
+  const at::Tensor& x_pert_f = f.x_pert_f.has_value() ? *f.x_pert_f : f.x_f;
+  const at::Tensor u = direction(f.key.u_seed, f.key.u_offset, {n, f.key.rank});  // (N, r)
+  const at::Tensor v = direction(f.key.seed, f.key.v_offset, {k, f.key.rank});    // (K, r)
+  const at::Tensor xv = skinny_product(x_pert_f, v);                              // (M, r)
+  const double alpha = static_cast<double>(f.mu) / std::sqrt(static_cast<double>(f.key.rank));
+  at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
+  const Partition p = partition(n, k);
+  const bool convert_weight = f.weight.scalar_type() != at::kFloat;
+  for_each_block(p, convert_weight, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
+    at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
+    const FrozenStream base{&f.x_f, &y_base, &f.bias_f};
+    if (f.x_pert_f.has_value()) {
+      const FrozenStream pert{&x_pert_f, &y_pert, &f.b_pert};
+      frozen_block(p, f.weight, n0, rows, buffer, base, &pert);
+    } else {
+      frozen_block(p, f.weight, n0, rows, buffer, base, nullptr);
+      pert_cols.copy_(y_base.narrow(1, n0, rows));
+      if (f.z_b.has_value()) pert_cols.add_(f.z_b->narrow(0, n0, rows), f.mu);
+    }
+    pert_cols.addmm_(xv, u.narrow(0, n0, rows).t(), 1.0, alpha);
+  });
+  return {y_base, y_pert};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> perturbed_linear(const at::Tensor& x_base, const std::optional<at::Tensor>& x_pert,
+                                                    const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                    const LinearKey& key, double mu) {
+  if (x_base.size(0) == 0) return empty_outputs(x_base, weight);
+  const float mu_f = static_cast<float>(mu);
+  const at::Tensor x_f = as_float(x_base);
+  const std::optional<at::Tensor> x_pert_f = as_float(x_pert);
+  const std::optional<at::Tensor> bias_f = as_float(bias);
+  std::optional<at::Tensor> z_b, b_pert;
+  if (bias_f.has_value()) {
+    z_b = direction(key.seed, key.bias_offset, {weight.size(0)});
+    b_pert = *bias_f + mu_f * *z_b;  // as the reference: mu z_b rounded, then added
+  }
+  const FullProblem problem{x_f, x_pert_f, weight, bias_f, z_b, b_pert, key, mu_f};
+  auto [y_base, y_pert] = key.rank > 0 ? lowrank_linear(problem) : full_linear(problem);
+  return {to_dtype(y_base, x_base.scalar_type()), to_dtype(y_pert, x_base.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_perturbed_linear(const at::Tensor& x_base,
+                                                         const std::optional<at::Tensor>& x_pert,
+                                                         const at::Tensor& weight,
+                                                         const std::optional<at::Tensor>& bias,
+                                                         const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                         double scale, const LoraKey& key, double mu) {
+  if (x_base.size(0) == 0) return empty_outputs(x_base, weight);
+  const float mu_f = static_cast<float>(mu);
+  const at::Tensor x_f = as_float(x_base);
+  const std::optional<at::Tensor> x_pert_f = as_float(x_pert);
+  const at::Tensor& x_pert_or_x = x_pert_f.has_value() ? *x_pert_f : x_f;
+  const std::optional<at::Tensor> bias_f = as_float(bias);
+  const at::Tensor a = as_float(lora_a), b = as_float(lora_b);  // (r, K), (N, r)
+  const at::Tensor a_pert = perturbed_copy(a, key.seed, key.a_offset, mu_f);
+  const at::Tensor b_pert = perturbed_copy(b, key.seed, key.b_offset, mu_f);
+  const at::Tensor xa = skinny_product(x_f, a.t());                 // (M, r)
+  const at::Tensor xa_pert = skinny_product(x_pert_or_x, a_pert.t());  // (M, r)
+  const int64_t m = x_f.size(0), n = weight.size(0);
+  at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
+  const Partition p = partition(n, weight.size(1));
+  const bool convert_weight = weight.scalar_type() != at::kFloat;
+  for_each_block(p, convert_weight, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
+    at::Tensor base_cols = y_base.narrow(1, n0, rows), pert_cols = y_pert.narrow(1, n0, rows);
+    const FrozenStream base{&x_f, &y_base, &bias_f};
+    // The frozen x W^T + b is computed once when both streams share x.
+    if (x_pert_f.has_value()) {
+      const FrozenStream pert{&*x_pert_f, &y_pert, &bias_f};
+      frozen_block(p, weight, n0, rows, buffer, base, &pert);
+    } else {
+      frozen_block(p, weight, n0, rows, buffer, base, nullptr);
+      pert_cols.copy_(base_cols);
+    }
+    base_cols.addmm_(xa, b.narrow(0, n0, rows).t(), 1.0, scale);
+    pert_cols.addmm_(xa_pert, b_pert.narrow(0, n0, rows).t(), 1.0, scale);
+  });
+  return {to_dtype(y_base, x_base.scalar_type()), to_dtype(y_pert, x_base.scalar_type())};
+}
+
+int64_t linear_tile_bytes() { return g_tile_bytes.load(); }
+
+int64_t set_linear_tile_bytes(int64_t bytes) { return g_tile_bytes.exchange(std::max<int64_t>(bytes, 4)); }
+
+}  // namespace cpu
+}  // namespace heron

@@ -1,0 +1,205 @@
+// Fused ZO updates. Every parameter block of kNormalBlock elements is handled independently: its
+// combined direction G is built in a stack buffer (q generated blocks, or the low-rank product),
+// the parameter block is loaded as float32, updated, and stored back. Peak extra memory: a few
+// kNormalBlock-float stack buffers per thread in full mode; in low-rank mode also U (rows x rank)
+// and the q transposed V_j (q x rank x cols) float32, i.e. 4 * rank * (rows + q*cols) bytes.
+// The float math mirrors heron.reference operation by operation (float32, scalars rounded to
+// float32 as torch does), so results agree with it up to the generator's last-bit differences.
+#include "cpu/zo_update_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace heron {
+namespace cpu {
+namespace {
+
+// Parameters smaller than this run on one thread (thread start-up costs more).
+constexpr int64_t kParallelGrain = 1 << 14;
+
+// The hyper-parameters as float32, derived in double like the Python reference does.
+struct AdamScalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float step_size;   // lr / (1 - beta1^step)
+  float sqrt_bias2;  // sqrt(1 - beta2^step)
+  float eps, weight_decay, decay;  // decay = 1 - lr * weight_decay (AdamW)
+  bool decoupled;
+};
+
+AdamScalars adam_scalars(const AdamHyper& h) {
+  const double bias1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
+  const double bias2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
+  AdamScalars s;
+  s.beta1 = static_cast<float>(h.beta1);
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  s.step_size = static_cast<float>(h.lr / bias1);
+  s.sqrt_bias2 = static_cast<float>(std::sqrt(bias2));
+  s.eps = static_cast<float>(h.eps);
+  s.weight_decay = static_cast<float>(h.weight_decay);
+  s.decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  s.decoupled = h.decoupled_weight_decay;
+  return s;
+}
+
+// g[t] += weight * z[t]
+__attribute__((target_clones("avx2", "default")))
+void accumulate(float* g, const float* z, float weight, int64_t count) {
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) g[t] = g[t] + weight * z[t];
+}
+
+// Full mode: g[t] = sum_j grads[j] * randn(seeds[j], offset + start + t), t < count <= kNormalBlock.
+void full_direction(const DirectionSpec& d, int64_t start, int64_t count, float* g) {
+  std::fill(g, g + count, 0.0f);
+  float z[kNormalBlock];
+  for (int64_t j = 0; j < d.q; ++j) {
+    randn_block(z, count, static_cast<uint64_t>(d.seeds[j]), d.offset + static_cast<uint64_t>(start));
+    accumulate(g, z, d.grads[j], count);
+  }
+}
+
+// The low-rank factors of all q directions, float32.
+struct LowRankFactors {
+  int64_t rank = 0, cols = 0;
+  float sqrt_rank = 1.0f;
+  std::vector<float> u;   // (rows, rank)
+  std::vector<float> vt;  // (q, rank, cols): V_j transposed, so the column loop is contiguous
+};
+
+LowRankFactors make_factors(const ParamSpec& p, const DirectionSpec& d) {
+  LowRankFactors f;
+  f.rank = d.rank;
+  f.cols = p.cols;
+  f.sqrt_rank = static_cast<float>(std::sqrt(static_cast<double>(d.rank)));
+  f.u.resize(static_cast<size_t>(p.rows * d.rank));
+  philox_randn(f.u.data(), ScalarKind::kFloat32, p.rows * d.rank, d.u_seed, d.u_offset);
+  f.vt.resize(static_cast<size_t>(d.q * d.rank * p.cols));
+  std::vector<float> v(static_cast<size_t>(p.cols * d.rank));  // V_j (cols, rank)
+  for (int64_t j = 0; j < d.q; ++j) {
+    philox_randn(v.data(), ScalarKind::kFloat32, p.cols * d.rank, static_cast<uint64_t>(d.seeds[j]), d.v_offset);
+    float* vt_j = f.vt.data() + j * d.rank * p.cols;
+    for (int64_t k = 0; k < p.cols; ++k) {
+      for (int64_t r = 0; r < d.rank; ++r) vt_j[r * p.cols + k] = v[k * d.rank + r];
+    }
+  }
+  return f;
+}
+
+// g[t] = sum_j grads[j] * (sum_r u_row[r] * V_j[col + t, r]) / sqrt(rank), within one row.
+__attribute__((target_clones("avx2", "default")))
+void lowrank_segment(float* g, int64_t len, const float* u_row, const float* vt_col, const LowRankFactors& f,
+                     const float* grads, int64_t q) {
+  float s[kNormalBlock];
+  for (int64_t t = 0; t < len; ++t) g[t] = 0.0f;
+  for (int64_t j = 0; j < q; ++j) {
+    const float* vt_j = vt_col + j * f.rank * f.cols;
+    for (int64_t t = 0; t < len; ++t) s[t] = 0.0f;
+    for (int64_t r = 0; r < f.rank; ++r) {
+      const float u = u_row[r];
+      const float* v = vt_j + r * f.cols;
+#pragma omp simd
+      for (int64_t t = 0; t < len; ++t) s[t] = s[t] + u * v[t];
+    }
+    const float weight = grads[j];
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) g[t] = g[t] + weight * (s[t] / f.sqrt_rank);
+  }
+}
+
+// Low-rank mode over flat elements [start, start + count), split at row ends.
+void lowrank_direction(const DirectionSpec& d, const LowRankFactors& f, int64_t start, int64_t count, float* g) {
+  for (int64_t t = 0; t < count;) {
+    const int64_t row = (start + t) / f.cols, col = (start + t) % f.cols;
+    const int64_t len = std::min(count - t, f.cols - col);
+    lowrank_segment(g + t, len, f.u.data() + row * f.rank, f.vt.data() + col, f, d.grads, d.q);
+    t += len;
+  }
+}
+
+// Calls rule(start, count, p, g) per block with p the parameter block as float32 (stored back
+// afterwards) and g the combined direction over the block.
+template <typename Rule>
+void update_blocks(const ParamSpec& param, const DirectionSpec& d, Rule rule) {
+  LowRankFactors factors;
+  if (d.rank > 0) factors = make_factors(param, d);
+  const int64_t element_size = param.kind == ScalarKind::kFloat32 ? 4 : 2;
+  char* data = static_cast<char*>(param.data);
+  const int64_t blocks = (param.numel + kNormalBlock - 1) / kNormalBlock;
+#pragma omp parallel for schedule(static) if (param.numel >= kParallelGrain)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kNormalBlock;
+    const int64_t count = std::min(kNormalBlock, param.numel - start);
+    float g[kNormalBlock], p[kNormalBlock];
+    if (d.rank > 0) {
+      lowrank_direction(d, factors, start, count, g);
+    } else {
+      full_direction(d, start, count, g);
+    }
+    void* block = data + start * element_size;
+    load_as_float(p, block, param.kind, count);
+    rule(start, count, p, g);
+    store_from_float(block, param.kind, p, count);
+  }
+}
+
+// p = p - lr * (g + weight_decay * p)
+__attribute__((target_clones("avx2", "default")))
+void sgd_rule(float* p, const float* g, int64_t count, float lr, float weight_decay) {
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (g[t] + weight_decay * p[t]);
+}
+
+// The Adam / AdamW step of heron.reference.zo_adam_update on one block (m, v updated in place).
+__attribute__((target_clones("avx2", "default")))
+void adam_rule(float* p, float* m, float* v, const float* g_in, int64_t count, const AdamScalars& s) {
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) {
+    float param = p[t], g = g_in[t];
+    if (s.decoupled) {
+      param = param * s.decay;
+    } else {
+      g = g + s.weight_decay * param;
+    }
+    const float m_new = s.beta1 * m[t] + s.one_minus_beta1 * g;
+    const float v_new = s.beta2 * v[t] + s.one_minus_beta2 * g * g;
+    m[t] = m_new;
+    v[t] = v_new;
+    p[t] = param - s.step_size * m_new / (std::sqrt(v_new) / s.sqrt_bias2 + s.eps);
+  }
+}
+
+__attribute__((target_clones("avx2", "default")))
+void add_rule(float* p, const float* g, int64_t count) {
+#pragma omp simd
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] + g[t];
+}
+
+}  // namespace
+
+void zo_sgd_update(const ParamSpec& param, const DirectionSpec& direction, double lr, double weight_decay) {
+  const float lr_f = static_cast<float>(lr), wd_f = static_cast<float>(weight_decay);
+  update_blocks(param, direction, [=](int64_t, int64_t count, float* p, const float* g) {
+    sgd_rule(p, g, count, lr_f, wd_f);
+  });
+}
+
+void zo_adam_update(const ParamSpec& param, float* exp_avg, float* exp_avg_sq, const DirectionSpec& direction,
+                    const AdamHyper& hyper) {
+  const AdamScalars s = adam_scalars(hyper);
+  update_blocks(param, direction, [=, &s](int64_t start, int64_t count, float* p, const float* g) {
+    adam_rule(p, exp_avg + start, exp_avg_sq + start, g, count, s);
+  });
+}
+
+void perturb(const ParamSpec& param, uint64_t seed, uint64_t offset, double alpha) {
+  const int64_t seeds[1] = {static_cast<int64_t>(seed)};
+  const float grads[1] = {static_cast<float>(alpha)};
+  const DirectionSpec direction{seeds, grads, 1, offset, 0, 0, 0, 0};
+  update_blocks(param, direction, [](int64_t, int64_t count, float* p, const float* g) { add_rule(p, g, count); });
+}
+
+}  // namespace cpu
+}  // namespace heron
