@@ -89,13 +89,20 @@ def _check_linear_inputs(x, weight, bias, x_pert) -> tuple[torch.Tensor, torch.T
         _check_float_tensor(bias, "bias")
         _check_like(bias, "bias", x, "x")
         _check_shape(bias, "bias", (weight.shape[0],), "out_features of weight")
-    x2d = x.reshape(-1, x.shape[-1]).contiguous()
+    # The ops are forward-only (zeroth order): inputs are detached so tensors that require grad,
+    # such as a module's parameters, can be passed without building an autograd graph.
+    x2d = x.detach().reshape(-1, x.shape[-1]).contiguous()
     if x_pert is None:
         return x2d, None
     _check_float_tensor(x_pert, "x_pert")
     _check_like(x_pert, "x_pert", x, "x")
     _check_shape(x_pert, "x_pert", tuple(x.shape), "the shape of x")
-    return x2d, x_pert.reshape(-1, x.shape[-1]).contiguous()
+    return x2d, x_pert.detach().reshape(-1, x.shape[-1]).contiguous()
+
+
+def _frozen(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Detached and contiguous (a copy only when non-contiguous)."""
+    return None if t is None else t.detach().contiguous()
 
 
 def _unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +137,8 @@ def perturbed_linear(
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
     _, bias_offset = _check_region(seed, bias_offset, out_features, "bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
-        x2d, xp2d, weight.contiguous(), None if bias is None else bias.contiguous(), seed, offset, bias_offset, mu,
-        0, 0, 0, 0, _backend_name(backend, x.device))
+        x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, 0, 0, 0, 0,
+        _backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
@@ -172,8 +179,8 @@ def lowrank_perturbed_linear(
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
     _, bias_offset = _check_region(seed, bias_offset, out_features, "bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
-        x2d, xp2d, weight.contiguous(), None if bias is None else bias.contiguous(), seed, offset, bias_offset, mu,
-        rank, u_seed, u_offset, v_offset, _backend_name(backend, x.device))
+        x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, rank, u_seed, u_offset, v_offset,
+        _backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
@@ -222,8 +229,8 @@ def lora_perturbed_linear(
     b_offset = offset + lora_a.numel() if b_offset is None else b_offset
     _, b_offset = _check_region(seed, b_offset, lora_b.numel(), "b_offset")
     y_base, y_pert = torch.ops.heron.lora_perturbed_linear(
-        x2d, xp2d, weight.contiguous(), None if bias is None else bias.contiguous(), lora_a.contiguous(),
-        lora_b.contiguous(), scale, seed, offset, b_offset, mu, _backend_name(backend, x.device))
+        x2d, xp2d, _frozen(weight), _frozen(bias), _frozen(lora_a), _frozen(lora_b), scale, seed, offset, b_offset, mu,
+        _backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
