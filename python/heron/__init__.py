@@ -5,12 +5,20 @@ from heron import functional
 from heron.backends import BackendUnavailableError
 from heron.backends import available as available_backends
 from heron.nn import LoRALinear, PerturbedLinear
+from heron.profile import StepProfile, profile_step
 from heron.stream import ParameterLayout, derive_seed, philox_words, seeded_randn
+from heron.updaters import FOUpdater, MeZOUpdater, StepResult, ZOUpdater
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FOUpdater",
+    "MeZOUpdater",
+    "StepProfile",
+    "StepResult",
+    "ZOUpdater",
+    "profile_step",
     "LoRALinear",
     "PerturbedLinear",
     "ParameterLayout",

@@ -159,7 +159,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 # The README's main command: a real HERON-SFL vs CSE-FSL comparison sized for ~5 minutes on 2 CPU cores.
-MAIN_JOB = {"compare": "heron,cse-fsl", "model": "cnn", "dataset": "mnist", "clients": 5, "rounds": 10,
+MAIN_JOB = {"compare": "heron,cse-fsl,sflv2", "model": "cnn", "dataset": "mnist", "clients": 5, "rounds": 20,
+            "upload_every": 2,
             "report": "runs/main/report.json", "plot": "runs/main/accuracy.png",
             "checkpoint_dir": "runs/main/checkpoints"}
 
