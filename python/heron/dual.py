@@ -49,6 +49,9 @@ class Perturbation:
     lowrank_rank: int = 0
     u_seed: int = 0
     backend: str | None = None
+    # ids of the Dual inputs whose last use is the node being run (set by the interpreter): their
+    # base tensor is dropped as soon as the base stream has been computed, before the perturbed one.
+    consumable: frozenset[int] = frozenset()
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -84,10 +87,23 @@ def _has_pert(value: Any) -> bool:
     return any(found)
 
 
-def _apply_both(fn: Callable, args: tuple, kwargs: dict) -> Dual:
+def _release_bases(args: Any, pert: Perturbation | None) -> None:
+    """Drop the base tensors of inputs used for the last time (their perturbed twin stays)."""
+    if pert is None or not pert.consumable:
+        return
+
+    def release(d: Dual) -> None:
+        if id(d) in pert.consumable and d.pert is not None:
+            d.base = None
+
+    _map(args, release)
+
+
+def _apply_both(fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | None = None) -> Dual:
     base = fn(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base))
     if not _has_pert((args, kwargs)):
         return Dual(base)
+    _release_bases((args, kwargs), pert)
     pert = fn(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
     return Dual(base, pert)
 
@@ -102,6 +118,9 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         self.smashed: torch.Tensor | None = None
 
     def run_node(self, node: torch.fx.Node) -> Any:
+        last_uses = self.user_to_last_uses.get(node, [])
+        self.perturbation.consumable = frozenset(
+            id(self.env[n]) for n in last_uses if isinstance(self.env.get(n), Dual))
         result = super().run_node(node)
         if node.name == self.cut_node:
             self.smashed = result.base.detach() if isinstance(result, Dual) else result
@@ -117,10 +136,10 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         if target is operator.getitem and isinstance(args[0], Dual) and not isinstance(args[1], Dual):
             d = args[0]
             return Dual(d.base[args[1]], None if d.pert is None else d.pert[args[1]])
-        return _apply_both(target, args, kwargs)
+        return _apply_both(target, args, kwargs, self.perturbation)
 
     def call_method(self, target, args, kwargs):
-        return _apply_both(lambda obj, *a, **k: getattr(obj, target)(*a, **k), args, kwargs)
+        return _apply_both(lambda obj, *a, **k: getattr(obj, target)(*a, **k), args, kwargs, self.perturbation)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
@@ -142,7 +161,7 @@ def dual_module_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pe
     if isinstance(module, nn.Dropout) and module.training:
         return _dropout(module, args[0])
     if not trainable and not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return _apply_both(module, args, kwargs)
+        return _apply_both(module, args, kwargs, pert)
     if isinstance(module, LoRALinear) and len(trainable) == 2 and not kwargs:
         x = args[0]
         y_base, y_pert = HF.lora_perturbed_linear(
@@ -200,6 +219,7 @@ class _PerturbedInPlace:
 
 def _in_place(module: nn.Module, trainable, args, kwargs, pert: Perturbation) -> Dual:
     base = module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base))
+    _release_bases((args, kwargs), pert)
     with _PerturbedInPlace(trainable, pert):
         pert_out = module(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
     return Dual(base, pert_out)
@@ -210,6 +230,7 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, per
     normalisation (batch statistics in training, running ones in eval) with perturbed affine
     parameters and no statistics update."""
     base = module(x.base)
+    _release_bases(x, pert)
     trainable = _trainable(module, name, pert.layout)
     use_batch_stats = module.training or module.running_mean is None
     with _PerturbedInPlace(trainable, pert):
