@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/convert.cuh"
 #include "philox.h"
 
 namespace heron {
@@ -11,17 +12,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 65535 * 4;
-
-template <typename T>
-__device__ __forceinline__ T from_float(float value);
-template <>
-__device__ __forceinline__ float from_float<float>(float value) { return value; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float value) {
-  return __float2bfloat16_rn(value);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float value) { return __float2half_rn(value); }
 
 // Grid-stride loop: element i always uses counter offset + i, whatever the launch shape.
 template <typename T>

@@ -20,6 +20,7 @@
 
 #include <cmath>
 
+#include "cuda/convert.cuh"
 #include "philox.h"
 
 namespace heron {
@@ -43,19 +44,6 @@ static_assert((kBM / kTM) * (kBN / kTN) == kThreads, "one micro-tile per thread"
 static_assert(kLd % 4 == 0 && kTileFloats % 4 == 0, "float4 reads need 16-byte aligned rows");
 
 enum class Mode { kFull, kLowRank, kLora };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 constexpr int imax(int a, int b) { return a > b ? a : b; }
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/convert.cuh"
 #include "philox.h"
 
 namespace heron {
@@ -33,19 +34,6 @@ constexpr int kRowsPerThread = kTileRows / kRowGroups;    // rows rg, rg + kRowG
 static_assert(kThreads % kTileCols == 0 && kTileRows % kRowGroups == 0, "tile must split over the block");
 
 enum class Rule { kAdd, kSgd, kAdam };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 // The q directions: sum_j grads[j] * randn(seeds[j], offset + i), or one host-side (seed, grad).
 struct Directions {
