@@ -51,23 +51,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     reports = []
     for method in methods:
         config = TrainConfig(**{**asdict(base), "method": method})
-        experiment = Experiment(config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-                                progress=None if quiet else log, dataset=dataset, client_data=client_data)
-        bar = None
+        bar = client_bar = None
         if bar_factory is not None and not quiet:
-            bar = bar_factory(total=config.rounds, initial=0, desc=f"{method} rounds", unit="round")
+            bar = bar_factory(total=config.rounds, desc=f"{method} rounds", unit="round", position=0)
+            client_bar = bar_factory(total=config.clients, desc="  clients", unit="client", position=1, leave=False)
 
-        def on_round(record, bar=bar, method=method):
+        def on_client(message, client_bar=client_bar):
+            if client_bar is None or not message.startswith("round "):  # e.g. "resumed from ..."
+                log(message)
+            else:
+                client_bar.update(1)
+                client_bar.set_postfix_str(message.split(": ", 1)[-1])
+
+        experiment = Experiment(config, checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+                                progress=None if quiet else on_client, dataset=dataset, client_data=client_data)
+
+        def on_round(record, bar=bar, client_bar=client_bar, method=method):
             message = f"{method} round {record.round}: test acc {record.test_accuracy:.4f} ({record.seconds:.1f} s)"
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record.test_accuracy:.4f}")
+                client_bar.reset()
                 log(message)
             elif not quiet:
                 print(message)
 
         report = experiment.run(on_round=on_round)
         if bar is not None:
+            client_bar.close()
             bar.close()
         reports.append(report)
     print(format_table(reports))
