@@ -17,7 +17,6 @@ parameters after any number of steps are determined by (initial parameters, seed
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -457,7 +456,3 @@ class MeZOUpdater(_Updater):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
 
-
-def clone_updater(updater: _Updater) -> _Updater:
-    """A deep copy (model included), for profiling without touching the original."""
-    return copy.deepcopy(updater)

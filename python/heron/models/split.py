@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 
@@ -30,16 +29,7 @@ class SplitModel:
         return self
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
-
-
-def smashed_shape(split: SplitModel, sample: torch.Tensor) -> tuple[int, ...]:
-    with torch.no_grad():
-        return tuple(split.client(sample).shape)
