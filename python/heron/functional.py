@@ -61,16 +61,6 @@ def _check_scalar(value: object, name: str, *, nonzero: bool = False, non_negati
     return number
 
 
-def _check_region(seed: object, offset: object, numel: int, offset_name: str) -> tuple[int, int]:
-    """Validated (seed, offset) for a parameter of `numel` elements starting at `offset`."""
-    seed = check_int(seed, "seed", limit=COUNTER_LIMIT)
-    offset = check_int(offset, offset_name, limit=COUNTER_LIMIT)
-    if offset + numel > COUNTER_LIMIT:
-        raise ValueError(f"{offset_name} + numel overflows the 63-bit counter range: {offset_name}={offset}, "
-                         f"numel={numel}")
-    return seed, offset
-
-
 def _backend_name(backend: str | None, device: torch.device) -> str:
     return backends.resolve(backend, device)
 
@@ -133,9 +123,9 @@ def perturbed_linear(
     x2d, xp2d = _check_linear_inputs(x, weight, bias, x_pert)
     mu = _check_scalar(mu, "mu", nonzero=True)
     out_features, in_features = weight.shape
-    seed, offset = _check_region(seed, offset, out_features * in_features, "offset")
+    seed, offset = check_key(seed, offset, out_features * in_features, offset_name="offset")
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
-    _, bias_offset = _check_region(seed, bias_offset, out_features, "bias_offset")
+    _, bias_offset = check_key(seed, bias_offset, out_features, offset_name="bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
         x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, 0, 0, 0, 0,
         _backend_name(backend, x.device))
@@ -146,6 +136,17 @@ def lowrank_offsets(offset: int, out_features: int, rank: int) -> tuple[int, int
     """Default (u_offset, v_offset) of a low-rank direction for a weight starting at `offset`:
     U (out x r) first, then V (in x r), inside the weight's own counter range when r(out+in) <= out*in."""
     return offset, offset + out_features * rank
+
+
+def _lowrank_factor_offsets(u_seed: int, offset: int, out_features: int, in_features: int, rank: int,
+                            u_offset: int | None, v_offset: int | None) -> tuple[int, int]:
+    """Validated (u_offset, v_offset) of U (out x r) and V (in x r), defaulting to lowrank_offsets(offset, ...)."""
+    default_u, default_v = lowrank_offsets(offset, out_features, rank)
+    _, u_offset = check_key(u_seed, default_u if u_offset is None else u_offset, out_features * rank,
+                            offset_name="u_offset")
+    _, v_offset = check_key(u_seed, default_v if v_offset is None else v_offset, in_features * rank,
+                            offset_name="v_offset")
+    return u_offset, v_offset
 
 
 def lowrank_perturbed_linear(
@@ -171,13 +172,11 @@ def lowrank_perturbed_linear(
     mu = _check_scalar(mu, "mu", nonzero=True)
     out_features, in_features = weight.shape
     rank = _check_rank(rank, out_features, in_features)
-    seed, offset = _check_region(seed, offset, out_features * in_features, "offset")
-    default_u, default_v = lowrank_offsets(offset, out_features, rank)
+    seed, offset = check_key(seed, offset, out_features * in_features, offset_name="offset")
     u_seed = seed if u_seed is None else check_int(u_seed, "u_seed", limit=COUNTER_LIMIT)
-    _, u_offset = _check_region(u_seed, default_u if u_offset is None else u_offset, out_features * rank, "u_offset")
-    _, v_offset = _check_region(seed, default_v if v_offset is None else v_offset, in_features * rank, "v_offset")
+    u_offset, v_offset = _lowrank_factor_offsets(u_seed, offset, out_features, in_features, rank, u_offset, v_offset)
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
-    _, bias_offset = _check_region(seed, bias_offset, out_features, "bias_offset")
+    _, bias_offset = check_key(seed, bias_offset, out_features, offset_name="bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
         x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, rank, u_seed, u_offset, v_offset,
         _backend_name(backend, x.device))
@@ -225,9 +224,9 @@ def lora_perturbed_linear(
                          f"{tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}, got {_describe(lora_b)}")
     mu = _check_scalar(mu, "mu", nonzero=True)
     scale = _check_scalar(scale, "scale")
-    seed, offset = _check_region(seed, offset, lora_a.numel(), "offset")
+    seed, offset = check_key(seed, offset, lora_a.numel(), offset_name="offset")
     b_offset = offset + lora_a.numel() if b_offset is None else b_offset
-    _, b_offset = _check_region(seed, b_offset, lora_b.numel(), "b_offset")
+    _, b_offset = check_key(seed, b_offset, lora_b.numel(), offset_name="b_offset")
     y_base, y_pert = torch.ops.heron.lora_perturbed_linear(
         x2d, xp2d, _frozen(weight), _frozen(bias), _frozen(lora_a), _frozen(lora_b), scale, seed, offset, b_offset, mu,
         _backend_name(backend, x.device))
@@ -271,9 +270,7 @@ def _lowrank_args(param: torch.Tensor, seeds: torch.Tensor, offset: int, rank: i
             raise ValueError("u_seed must be given for low-rank updates with several directions")
         u_seed = int(seeds[0])
     u_seed = check_int(u_seed, "u_seed", limit=COUNTER_LIMIT)
-    default_u, default_v = lowrank_offsets(offset, out_features, rank)
-    _, u_offset = _check_region(u_seed, default_u if u_offset is None else u_offset, out_features * rank, "u_offset")
-    _, v_offset = _check_region(0, default_v if v_offset is None else v_offset, in_features * rank, "v_offset")
+    u_offset, v_offset = _lowrank_factor_offsets(u_seed, offset, out_features, in_features, rank, u_offset, v_offset)
     return rank, u_seed, u_offset, v_offset
 
 

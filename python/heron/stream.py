@@ -56,14 +56,17 @@ def check_int(value: object, name: str, *, limit: int) -> int:
     return number
 
 
-def check_key(seed: object, offset: object, numel: int) -> tuple[int, int]:
-    """Validated (seed, offset) for a stream of `numel` elements; the counter must not overflow."""
+def check_key(seed: object, offset: object, numel: int, *, offset_name: str = "offset") -> tuple[int, int]:
+    """Validated (seed, offset) for a stream of `numel` elements; the counter must not overflow.
+
+    offset_name names the offset in error messages (e.g. "bias_offset").
+    """
     seed = check_int(seed, "seed", limit=SEED_LIMIT)
-    offset = check_int(offset, "offset", limit=COUNTER_LIMIT)
+    offset = check_int(offset, offset_name, limit=COUNTER_LIMIT)
     if offset + numel > COUNTER_LIMIT:
         raise ValueError(
-            f"offset + numel overflows the 63-bit counter range: offset={offset}, numel={numel}, "
-            f"offset + numel must be <= 2**63"
+            f"{offset_name} + numel overflows the 63-bit counter range: {offset_name}={offset}, numel={numel}, "
+            f"{offset_name} + numel must be <= 2**63"
         )
     return seed, offset
 

@@ -288,7 +288,7 @@ class Experiment:
 
     def load(self, path: Path) -> None:
         tensors, metadata = ckpt.load_checkpoint(path, expected_metadata=self._metadata())
-        flat = _flatten(tensors)
+        flat = ckpt.flatten_tensors(tensors)
         state = unpack(metadata["skeleton"], flat)
         try:
             self.global_model.load_state_dict(state["global"])
@@ -327,12 +327,3 @@ class Experiment:
     def client_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
 
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """load_checkpoint's nested dict back to the flat '/'-joined paths that pack produced."""
-    if isinstance(tree, torch.Tensor):
-        return {prefix: tree}
-    flat: dict[str, torch.Tensor] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}/{key}" if prefix else key))
-    return flat
