@@ -137,11 +137,16 @@ class _Updater:
         return [named[n] for n in self.param_names]
 
     def _forward(self, inputs: tuple) -> Any:
-        try:
-            return self.model(*inputs)
-        except Exception as error:  # noqa: BLE001 - reported with the batch's shapes
-            raise ValueError(f"the model rejected the batch (inputs {_describe_inputs(inputs)}): "
-                             f"{type(error).__name__}: {error}") from error
+        return _run_on_batch(self.model, inputs)
+
+
+def _run_on_batch(forward: Callable, inputs: tuple) -> Any:
+    """forward(*inputs); any failure becomes a ValueError naming the batch's shapes."""
+    try:
+        return forward(*inputs)
+    except Exception as error:  # noqa: BLE001 - reported with the batch's shapes
+        raise ValueError(f"the model rejected the batch (inputs {_describe_inputs(inputs)}): "
+                         f"{type(error).__name__}: {error}") from error
 
 
 def _describe_inputs(inputs: tuple) -> str:
@@ -221,11 +226,7 @@ class ZOUpdater(_Updater):
 
     def _dual_forward(self, inputs: tuple, perturbation: Perturbation) -> tuple[Any, Any, torch.Tensor | None]:
         interpreter = DualStreamInterpreter(self.graph_module, perturbation, self.cut_node)
-        try:
-            out = interpreter.run(*inputs)
-        except Exception as error:  # noqa: BLE001 - reported with the batch's shapes
-            raise ValueError(f"the model rejected the batch (inputs {_describe_inputs(inputs)}): "
-                             f"{type(error).__name__}: {error}") from error
+        out = _run_on_batch(interpreter.run, inputs)
         if not isinstance(out, Dual):
             raise TypeError(f"the model's output must be computed from its inputs, got {type(out).__name__}")
         return out.base, out.pert_or_base, interpreter.smashed
@@ -249,7 +250,8 @@ class ZOUpdater(_Updater):
                 pert = float(_scalar_loss(self.loss_fn(out_pert, targets)))
                 if j == 0:
                     loss_base, smashed = base, cut_value
-                    snapshot_after_base = _BufferSnapshot(self.model)
+                    if self.q > 1:  # later directions must not update the statistics again
+                        snapshot_after_base = _BufferSnapshot(self.model)
                 else:
                     snapshot_after_base.restore()  # statistics updated once per step, by the first base stream
                 losses_pert.append(pert)
