@@ -26,6 +26,15 @@ def small_convnet() -> nn.Module:
                          nn.Linear(4 * 5 * 5, 3))
 
 
+def resnet_stem() -> nn.Module:
+    """conv-bn-relu-conv-bn like the paper's ResNet-18 client: its second conv keeps the input's
+    shape, so the executor computes it in place, in batch chunks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.Flatten(),
+                         nn.Linear(4 * 5 * 5, 3))
+
+
 def batch_for(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     shape = (16, 6) if isinstance(model[0], nn.Linear) else (16, 2, 5, 5)
@@ -50,11 +59,18 @@ def reference_zo_sgd_step(model: nn.Module, batch, *, seed: int, mu: float, lr: 
     return model
 
 
-@pytest.mark.parametrize("make_model", [small_mlp, small_convnet])
-def test_fused_step_matches_reference_estimator(make_model):
+@pytest.fixture
+def tiny_conv_chunks(monkeypatch):
+    """Convolutions in chunks of a few samples even on test-sized batches."""
+    monkeypatch.setattr(heron.dual, "_CONV_CHUNK_BYTES", 4 * 4 * 5 * 5 * 3)
+
+
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
+@pytest.mark.parametrize("make_model", [small_mlp, small_convnet, resnet_stem])
+def test_fused_step_matches_reference_estimator(make_model, schedule, tiny_conv_chunks):
     model = make_model()
     batch = batch_for(model)
-    updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=0.05, seed=3)
+    updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=0.05, seed=3, schedule=schedule)
     expected = reference_zo_sgd_step(model, batch, seed=updater.direction_seeds(0)[0], mu=1e-3, lr=0.05)
     result = updater.step(batch)
     assert not result.skipped
@@ -286,3 +302,66 @@ class TestBadInput:
     def test_bad_arguments(self, kwargs, message):
         with pytest.raises((ValueError, KeyError), match=message):
             ZOUpdater(small_mlp(), nn.functional.cross_entropy, **{"lr": 0.1, **kwargs})
+
+
+def test_schedules_agree_and_update_statistics_like_the_module(tiny_conv_chunks):
+    """dual and sequential compute the same estimate; both leave BatchNorm statistics as one plain
+    forward of the module does (equal up to the rounding of batch-chunked convolutions)."""
+    model = resnet_stem()
+    batch = batch_for(model)
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain(batch[0])
+    results = {}
+    for schedule in ("dual", "sequential"):
+        work = copy.deepcopy(model)
+        updater = ZOUpdater(work, nn.functional.cross_entropy, mu=1e-3, q=2, lr=0.0, seed=4, schedule=schedule)
+        results[schedule] = updater.step(batch)
+        for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var", "4.num_batches_tracked"):
+            torch.testing.assert_close(work.state_dict()[name], plain.state_dict()[name], rtol=1e-5, atol=1e-6,
+                                       msg=f"{schedule} {name}")
+    dual, sequential = results["dual"], results["sequential"]
+    assert math.isclose(dual.loss, sequential.loss, rel_tol=1e-6)
+    for a, b in zip(dual.projected_grads, sequential.projected_grads, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
+
+
+def test_in_place_execution_leaves_inputs_and_smashed_data_intact(tiny_conv_chunks):
+    model = resnet_stem()
+    x, y = batch_for(model)
+    x_before = x.clone()
+    for schedule in ("dual", "sequential"):
+        updater = ZOUpdater(copy.deepcopy(model), nn.functional.cross_entropy, mu=1e-3, lr=0.0, seed=4,
+                            cut="4", schedule=schedule)
+        result = updater.step((x, y))
+        assert torch.equal(x, x_before), schedule
+        with torch.no_grad():
+            expected = copy.deepcopy(model)[:5](x)  # base stream up to the cut, before the step's update
+        torch.testing.assert_close(result.smashed, expected, msg=schedule)
+
+
+def test_activation_memory_per_schedule(monkeypatch):
+    """Peak step memory in units of one activation map A = (N, C, H, W): the dual schedule holds
+    one map per stream (2A), the sequential one a single stream's (1A), plus bounded chunks."""
+    monkeypatch.setattr(heron.dual, "_CONV_CHUNK_BYTES", 1 << 16)  # A is 1 MiB here
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.Flatten(),
+                          nn.Linear(16 * 16 * 16, 10))
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    activation = 64 * 16 * 16 * 16 * 4
+    peaks = {}
+    for schedule in ("dual", "sequential"):
+        updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=1e-3, seed=0, cut="4", schedule=schedule)
+        updater.step((x, y))
+        peaks[schedule] = heron.profile_step(updater, (x, y), warmup=0, repeats=1).step_peak_bytes / activation
+    assert peaks["dual"] < 2.3, peaks
+    assert peaks["sequential"] < 1.3, peaks
+
+
+def test_sequential_schedule_rejects_lowrank():
+    with pytest.raises(ValueError, match="schedule='dual'"):
+        ZOUpdater(small_mlp(), nn.functional.cross_entropy, lr=1e-3, perturbation="lowrank", rank=2,
+                  schedule="sequential")
+    with pytest.raises(ValueError, match="schedule"):
+        ZOUpdater(small_mlp(), nn.functional.cross_entropy, lr=1e-3, schedule="interleaved")

@@ -140,19 +140,18 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     print(f"{config.name}: {config.description} on {args.device}")
     results = {}
     for kind in kinds:
-        updater = build_updater(kind, config, **(overrides if kind == "zo" else {}))
+        updater = build_updater(kind, config, **(overrides if kind.startswith("zo") else {}))
         print(f"  profiling {kind} ...", flush=True)
         results[kind] = profile_step(updater, config.batch, warmup=args.warmup, repeats=args.repeats).as_dict()
         del updater
     print(f"{'updater':<8} {'peak memory MB':>15} {'GFLOPs/step':>12} {'time s':>8}")
     for kind, r in results.items():
         print(f"{kind:<8} {r['peak_memory_bytes'] / 1e6:15.1f} {r['flops'] / 1e9:12.2f} {r['time_s']:8.3f}")
-    if "zo" in results:
-        for kind in results:
-            if kind != "zo":
-                zo, other = results["zo"], results[kind]
-                print(f"zo/{kind}: memory {zo['peak_memory_bytes'] / other['peak_memory_bytes']:.3f}, "
-                      f"FLOPs {zo['flops'] / max(other['flops'], 1):.3f}, time {zo['time_s'] / other['time_s']:.3f}")
+    for zo_kind in [k for k in results if k.startswith("zo")]:
+        for kind in [k for k in results if not k.startswith("zo")]:
+            zo, other = results[zo_kind], results[kind]
+            print(f"{zo_kind}/{kind}: memory {zo['peak_memory_bytes'] / other['peak_memory_bytes']:.3f}, "
+                  f"FLOPs {zo['flops'] / max(other['flops'], 1):.3f}, time {zo['time_s'] / other['time_s']:.3f}")
     if args.json:
         report = {"updaters": results, "environment": _environment(),
                   "config": {"model": config.name, "description": config.description, "device": args.device,
@@ -191,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
     prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])
-    prof.add_argument("--updaters", default="zo,fo,mezo", help="comma-separated from zo, fo, mezo")
+    prof.add_argument("--updaters", default="zo,zo-seq,fo,mezo",
+                      help="comma-separated from zo, zo-seq (the sequential schedule), fo, mezo")
     prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prof.add_argument("--batch", type=int, default=None, help="batch size (default: the paper's)")
     prof.add_argument("--backend", default=None, help="kernel backend for the zo updater")

@@ -3,6 +3,7 @@ and FLOPs do not depend on values)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,8 @@ def gpt2m_paper(batch_size: int = 8, seq_len: int = 512, device: str = "cpu") ->
 
 
 CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper}
-UPDATERS = {"zo": ZOUpdater, "fo": FOUpdater, "mezo": MeZOUpdater}
+UPDATERS = {"zo": ZOUpdater, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"), "fo": FOUpdater,
+            "mezo": MeZOUpdater}
 
 
 def build_config(name: str, **kwargs: Any) -> ClientConfig:

@@ -8,12 +8,24 @@ without; other parametrised layers are perturbed in place from the seeded stream
 perturbed forward and restored bit-exactly from a copy of that one layer's parameters; layers
 and functions without trainable parameters are applied to each stream (once while the two
 streams are still identical). Dropout draws one mask for both streams, so the finite difference
-sees only the parameter change. The interpreter frees each activation after its last use.
+sees only the parameter change.
+
+Memory: the interpreter frees each activation after its last use, and an activation it allocated
+itself that is used for the last time (no other live value shares its storage, it is neither a
+model input nor the smashed data) is overwritten in place by ReLU, BatchNorm, and Conv2d layers
+whose output has the input's shape. Convolutions run in bounded batch chunks, so none holds a
+whole-batch transient beside its output: a conv-bn-relu stack holds one activation per stream.
+
+Single-stream passes (Perturbation.stream "base" or "pert", the updaters' sequential schedule) run
+the same graph on one stream: the perturbed pass with each trainable layer perturbed in place
+while it runs and no statistics update, the base pass as the module would run.
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +64,16 @@ class Perturbation:
     # ids of the Dual inputs whose last use is the node being run (set by the interpreter): their
     # base tensor is dropped as soon as the base stream has been computed, before the perturbed one.
     consumable: frozenset[int] = frozenset()
+    # ids of the input tensors the node being run may overwrite in place (set by the interpreter).
+    reusable: frozenset[int] = frozenset()
+    # "dual": both streams together; "base" / "pert": one stream alone (the sequential schedule),
+    # the perturbed one with each trainable layer perturbed in place while it runs.
+    stream: str = "dual"
+    # single-stream passes draw dropout masks from this seed (per layer), so both passes share them
+    dropout_seed: int = 0
+
+    def can_reuse(self, tensor: Any) -> bool:
+        return isinstance(tensor, torch.Tensor) and id(tensor) in self.reusable
 
 
 class _LeafTracer(torch.fx.Tracer):
@@ -75,6 +97,30 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
             f"Python control flow"
         ) from error
     return torch.fx.GraphModule(model, graph)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors held by an environment value (a Dual, a tensor or a container of them).
+
+    Iterative: a recursive closure would form a reference cycle that keeps the tensors alive
+    until the cyclic garbage collector runs."""
+    found: list[torch.Tensor] = []
+    pending = [value]
+    while pending:
+        v = pending.pop()
+        if isinstance(v, Dual):
+            pending.extend((v.base, v.pert))
+        elif isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            pending.extend(v)
+        elif isinstance(v, dict):
+            pending.extend(v.values())
+    return found
 
 
 def _map(value: Any, fn: Callable[[Dual], Any]) -> Any:
@@ -116,15 +162,61 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         self.perturbation = perturbation
         self.cut_node = cut_node
         self.smashed: torch.Tensor | None = None
+        # storages never written in place: the model's parameters and buffers, its inputs, the smashed data
+        self._protected = {_storage(t) for t in (*graph_module.parameters(), *graph_module.buffers())}
+        self._owned: dict[int, weakref.ref] = {}  # tensors this run allocated: id -> weak reference
 
     def run_node(self, node: torch.fx.Node) -> Any:
         last_uses = self.user_to_last_uses.get(node, [])
-        self.perturbation.consumable = frozenset(
-            id(self.env[n]) for n in last_uses if isinstance(self.env.get(n), Dual))
+        consumed = [self.env[n] for n in last_uses if isinstance(self.env.get(n), Dual)]
+        self.perturbation.consumable = frozenset(id(d) for d in consumed)
+        self.perturbation.reusable = self._reusable(consumed)
         result = super().run_node(node)
+        self.perturbation.reusable = frozenset()
+        if node.op == "placeholder":
+            self._protected.update(_storage(t) for t in _tensors(result))
+        elif isinstance(result, Dual):
+            self._register_owned(result)
         if node.name == self.cut_node:
             self.smashed = result.base.detach() if isinstance(result, Dual) else result
+            if isinstance(self.smashed, torch.Tensor):
+                self._protected.add(_storage(self.smashed))
         return result
+
+    def _live_storages(self, exclude: set[int]) -> dict[int, int]:
+        """storage -> number of live tensors using it, over the environment's values not in `exclude` (ids)."""
+        counts: dict[int, int] = {}
+        for value in self.env.values():
+            if id(value) in exclude:
+                continue
+            for t in _tensors(value):
+                key = _storage(t)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def _reusable(self, consumed: list[Dual]) -> frozenset[int]:
+        candidates = [t for d in consumed for t in (d.base, d.pert)
+                      if isinstance(t, torch.Tensor) and self._is_owned(t) and _storage(t) not in self._protected]
+        if not candidates:
+            return frozenset()
+        live = self._live_storages({id(d) for d in consumed})
+        keys = [_storage(t) for t in candidates]
+        return frozenset(id(t) for t, key in zip(candidates, keys, strict=True)
+                         if key not in live and keys.count(key) == 1)
+
+    def _is_owned(self, tensor: torch.Tensor) -> bool:
+        ref = self._owned.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _register_owned(self, result: Dual) -> None:
+        fresh = [t for t in (result.base, result.pert) if isinstance(t, torch.Tensor)]
+        if not fresh:
+            return
+        live = self._live_storages({id(result)})
+        for t in fresh:
+            key = _storage(t)
+            if key not in live and key not in self._protected and t._base is None:
+                self._owned[id(t)] = weakref.ref(t)
 
     def placeholder(self, target, args, kwargs):
         return Dual(super().placeholder(target, args, kwargs))
@@ -136,9 +228,13 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         if target is operator.getitem and isinstance(args[0], Dual) and not isinstance(args[1], Dual):
             d = args[0]
             return Dual(d.base[args[1]], None if d.pert is None else d.pert[args[1]])
+        if target in _RELU_FUNCTIONS and len(args) == 1 and isinstance(args[0], Dual) and not kwargs.get("inplace"):
+            return _relu(args[0], self.perturbation)
         return _apply_both(target, args, kwargs, self.perturbation)
 
     def call_method(self, target, args, kwargs):
+        if target == "relu" and len(args) == 1 and not kwargs and isinstance(args[0], Dual):
+            return _relu(args[0], self.perturbation)
         return _apply_both(lambda obj, *a, **k: getattr(obj, target)(*a, **k), args, kwargs, self.perturbation)
 
     def call_module(self, target, args, kwargs):
@@ -156,10 +252,14 @@ def _trainable(module: nn.Module, prefix: str, layout: ParameterLayout) -> list[
 
 def dual_module_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
     """One leaf module on Dual inputs."""
+    if pert.stream != "dual":
+        return _single_stream_call(module, name, args, kwargs, pert)
     layout = pert.layout
     trainable = _trainable(module, name, layout)
     if isinstance(module, nn.Dropout) and module.training:
         return _dropout(module, args[0])
+    if isinstance(module, nn.ReLU) and not kwargs and len(args) == 1:
+        return _relu(args[0], pert)
     if not trainable and not isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _apply_both(module, args, kwargs, pert)
     if isinstance(module, LoRALinear) and len(trainable) == 2 and not kwargs:
@@ -173,6 +273,8 @@ def dual_module_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pe
         return _linear(module, name, args[0], pert)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
         return _batch_norm(module, name, args[0], pert)
+    if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(args[0].base, 4):
+        return _conv(module, trainable, args[0], pert)
     return _in_place(module, trainable, args, kwargs, pert)
 
 
@@ -226,9 +328,60 @@ def _in_place(module: nn.Module, trainable, args, kwargs, pert: Perturbation) ->
 
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, pert: Perturbation) -> Dual:
-    """Base stream: the module as is (running statistics updated); perturbed stream: the same
-    normalisation (batch statistics in training, running ones in eval) with perturbed affine
-    parameters and no statistics update."""
+    """Base stream: the module's normalisation with running-statistics updates; perturbed stream:
+    the same normalisation (batch statistics in training, running ones in eval) with perturbed
+    affine parameters and no statistics update. Both streams use the same arithmetic (so the finite
+    difference sees only the parameter change), in place where the input may be overwritten."""
+    if not _fast_batch_norm_ok(module, x.base):
+        return _batch_norm_functional(module, name, x, pert)
+    trainable = _trainable(module, name, pert.layout)
+    if x.pert is None and not trainable:
+        return Dual(_normalise(module, x.base, update_stats=True, out=_reuse_or_none(x.base, pert)))
+    base = _normalise(module, x.base, update_stats=True,
+                      out=_reuse_or_none(x.base, pert) if x.pert is not None else None)
+    _release_bases(x, pert)
+    with _PerturbedInPlace(trainable, pert):
+        pert_out = _normalise(module, x.pert_or_base, update_stats=False, out=_reuse_or_none(x.pert_or_base, pert))
+    return Dual(base, pert_out)
+
+
+def _fast_batch_norm_ok(module: nn.modules.batchnorm._BatchNorm, x: Any) -> bool:
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[1] != module.num_features or not x.is_contiguous():
+        return False
+    params = [t for t in (module.weight, module.bias, module.running_mean) if t is not None]
+    same_dtype = all(t.dtype == x.dtype for t in params)
+    return x.is_floating_point() and same_dtype and not isinstance(module, nn.SyncBatchNorm)
+
+
+def _reuse_or_none(x: torch.Tensor, pert: Perturbation) -> torch.Tensor | None:
+    return x if pert.can_reuse(x) else None
+
+
+def _normalise(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, *, update_stats: bool,
+               out: torch.Tensor | None) -> torch.Tensor:
+    """The module's batch normalisation of x (N, C, *), written into `out` (which may be x) if given.
+
+    The same ATen kernel as nn.BatchNorm's forward, so the result is bit-identical to it: batch
+    statistics when training or untracked, running ones otherwise; with update_stats the running
+    statistics and num_batches_tracked are updated exactly as the module updates them.
+    """
+    training = module.training or module.running_mean is None
+    factor = 0.0
+    running_mean = running_var = None
+    if module.running_mean is not None and (update_stats or not module.training):
+        running_mean, running_var = module.running_mean, module.running_var
+    if update_stats and module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        factor = module.momentum if module.momentum is not None else 1.0 / float(module.num_batches_tracked)
+    out = torch.empty_like(x) if out is None else out
+    stats = x.new_empty((0,), dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    torch.ops.aten.native_batch_norm.out(x, module.weight, module.bias, running_mean, running_var, training, factor,
+                                         module.eps, out=out, save_mean=stats, save_invstd=stats.clone())
+    return out
+
+
+def _batch_norm_functional(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, pert: Perturbation) -> Dual:
+    """The out-of-place path for inputs the fast path does not cover (low precision, SyncBatchNorm)."""
     base = module(x.base)
     _release_bases(x, pert)
     trainable = _trainable(module, name, pert.layout)
@@ -239,6 +392,122 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, per
             None if use_batch_stats else module.running_var, module.weight, module.bias,
             training=use_batch_stats, momentum=0.0, eps=module.eps)
     return Dual(base, pert_out)
+
+
+_RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
+
+
+def _relu(x: Dual, pert: Perturbation) -> Dual:
+    """ReLU on each stream, in place on inputs the node may overwrite."""
+    def one(t: Any) -> Any:
+        if pert.can_reuse(t):
+            return t.relu_()
+        return torch.relu(t)
+
+    if x.pert is None:
+        return Dual(one(x.base))
+    return Dual(one(x.base), one(x.pert))
+
+
+# Bytes per chunk of a chunked convolution's larger side (input or output; its workspace is alike in size).
+_CONV_CHUNK_BYTES = 2 << 20
+
+
+def _is_batch(x: Any, dim: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == dim
+
+
+def _same_shape_conv(module: nn.Conv2d, x: Any) -> bool:
+    """Whether the convolution maps x (N, C, H, W) to an output of the same shape (zero padding)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or module.padding_mode != "zeros":
+        return False
+    if module.in_channels != module.out_channels or x.shape[1] != module.in_channels:
+        return False
+    if module.padding == "same":
+        return True
+    if isinstance(module.padding, str):
+        return False
+    for size, kernel, stride, padding, dilation in zip(x.shape[2:], module.kernel_size, module.stride,
+                                                       module.padding, module.dilation, strict=True):
+        if (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 != size:
+            return False
+    return True
+
+
+def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, *, overwrite: bool) -> torch.Tensor:
+    """module(x) for x (N, C, H, W), a batch chunk at a time: written over x when `overwrite` (the
+    output has x's shape; samples are independent, so each chunk is read in full before it is
+    overwritten), else into one output tensor. A whole-batch convolution would hold a transient
+    the size of its output besides the output itself."""
+    per_sample_in = x[0].numel() * x.element_size()
+    per_sample = max(1, per_sample_in, per_sample_in * module.out_channels // max(module.in_channels, 1))
+    chunk = max(1, _CONV_CHUNK_BYTES // per_sample)
+    if chunk >= x.shape[0]:
+        return module(x)
+    out = x if overwrite else None
+    for start in range(0, x.shape[0], chunk):
+        part = module(x[start:start + chunk])
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out[start:start + chunk].copy_(part)
+    return out
+
+
+def _conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> Dual:
+    """A 2-D convolution in batch chunks; in place on inputs the node may overwrite when the
+    output has the input's shape; the perturbed stream with the layer's parameters perturbed in place."""
+    same_shape = _same_shape_conv(module, x.base)
+
+    def one(t: torch.Tensor, may_overwrite: bool = True) -> torch.Tensor:
+        overwrite = may_overwrite and same_shape and pert.can_reuse(t) and t.is_contiguous()
+        return _conv_chunked(module, t, overwrite=overwrite)
+
+    if not trainable:
+        return Dual(one(x.base)) if x.pert is None else Dual(one(x.base), one(x.pert))
+    base = one(x.base, may_overwrite=x.pert is not None)
+    _release_bases(x, pert)
+    with _PerturbedInPlace(trainable, pert):
+        pert_out = one(x.pert_or_base)
+    return Dual(base, pert_out)
+
+
+def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
+    """One leaf module in a single-stream pass: plain values (Dual with pert None); in the "pert"
+    pass the module's trainable parameters hold theta + scale * z while it runs; BatchNorm
+    statistics are updated by the "base" pass only."""
+    trainable = _trainable(module, name, pert.layout) if pert.stream == "pert" else []
+    x = args[0] if args else None
+    if isinstance(module, nn.Dropout) and module.training:
+        return Dual(_seeded_dropout(module, x.base, pert.dropout_seed, name))
+    if isinstance(module, nn.ReLU) and not kwargs and len(args) == 1:
+        return _relu(x, pert)
+    with _PerturbedInPlace(trainable, pert):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
+            return Dual(_single_batch_norm(module, x.base, pert))
+        if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
+            overwrite = _same_shape_conv(module, x.base) and pert.can_reuse(x.base) and x.base.is_contiguous()
+            return Dual(_conv_chunked(module, x.base, overwrite=overwrite))
+        return Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
+
+
+def _single_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, pert: Perturbation) -> torch.Tensor:
+    update = pert.stream == "base"
+    if _fast_batch_norm_ok(module, x):
+        return _normalise(module, x, update_stats=update, out=_reuse_or_none(x, pert))
+    if update:
+        return module(x)
+    use_batch_stats = module.training or module.running_mean is None
+    return nn.functional.batch_norm(
+        x, None if use_batch_stats else module.running_mean, None if use_batch_stats else module.running_var,
+        module.weight, module.bias, training=use_batch_stats, momentum=0.0, eps=module.eps)
+
+
+def _seeded_dropout(module: nn.Dropout, x: torch.Tensor, seed: int, name: str) -> torch.Tensor:
+    """Dropout with a mask drawn from (seed, layer name): the same mask in the base and the perturbed pass."""
+    generator = torch.Generator(device=x.device).manual_seed((seed ^ zlib.crc32(name.encode())) % (1 << 63))
+    keep = 1.0 - module.p
+    mask = torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)
+    return x * mask
 
 
 def _dropout(module: nn.Dropout, x: Dual) -> Dual:
