@@ -43,14 +43,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for method in methods:
         check_method(method)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    base = TrainConfig(**{**values, "method": methods[0]}).validate()
+    upload_of = _client_uploads(methods, values["client_upload"], bool(args.compare))
+    base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
     dataset = load_dataset(base.dataset, seed=base.seed)
     client_data = split_clients(dataset, base.clients, base.partition, base.alpha, base.seed)
     bar_factory, log = _progress()
     quiet = args.no_progress
     reports = []
     for method in methods:
-        config = TrainConfig(**{**asdict(base), "method": method})
+        config = TrainConfig(**{**asdict(base), "method": method, "client_upload": upload_of[method]})
         bar = client_bar = None
         if bar_factory is not None and not quiet:
             bar = bar_factory(total=config.rounds, desc=f"{method} rounds", unit="round", position=0)
@@ -91,6 +92,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client_uploads(methods: list[str], client_upload: str, compare: bool) -> dict[str, str]:
+    """--client-upload per method: with --compare, "seeds" applies to the methods that support it and the
+    others upload parameters (said on stdout); a single method must support it (TrainConfig.validate)."""
+    from heron.sfl.replay import SEED_UPLOAD_METHODS
+
+    if client_upload != "seeds" or not compare:
+        return dict.fromkeys(methods, client_upload)
+    others = [m for m in methods if m not in SEED_UPLOAD_METHODS]
+    if others and len(others) < len(methods):
+        print(f"--client-upload seeds applies to {', '.join(m for m in methods if m not in others)}; "
+              f"{', '.join(others)} upload parameters")
+        return {m: "parameters" if m in others else "seeds" for m in methods}
+    return dict.fromkeys(methods, client_upload)
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
     from heron.sfl.engine import TrainConfig
     from heron.sfl.methods import METHODS, MODELS
@@ -120,6 +136,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--device", default=d["device"])
     parser.add_argument("--backend", default=d["backend"], help="kernel backend for ZO clients")
+    parser.add_argument("--client-upload", dest="client_upload", default=d["client_upload"],
+                        help="what ZO clients upload for FedAvg: parameters, or seeds (their steps' seeds and "
+                             "scalars plus BatchNorm buffers; the server replays them; heron only)")
     parser.add_argument("--report", default=d.get("report"), help="write the JSON report here")
     parser.add_argument("--plot", default=d.get("plot"), help="write the accuracy PNG here")
     parser.add_argument("--checkpoint-dir", dest="checkpoint_dir", default=d.get("checkpoint_dir"))

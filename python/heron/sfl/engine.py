@@ -25,6 +25,7 @@ from heron.profile import profile_step
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.data import load_dataset, split_clients
 from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, ImageShape, build_split_model, check_method
+from heron.sfl.replay import ClientReplica, SeedScalarUpload, check_client_upload, seed_scalar_upload
 from heron.sfl.roles import Client, ClientBatches, FedServer, MainServer, SplitClient, Upload, state_bytes
 from heron.sfl.state import pack, unpack
 from heron.stream import derive_seed
@@ -55,9 +56,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     backend: str | None = None
+    client_upload: str = "parameters"  # "seeds": ZO clients upload seed-and-scalar records (heron.sfl.replay)
 
     def validate(self) -> TrainConfig:
         check_method(self.method)
+        check_client_upload(self.method, self.client_upload)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -147,6 +150,9 @@ class Experiment:
                                                                cfg.server_lr), self.loss_fn)
         self.fed = FedServer(cfg.weighting)
         self.clients = [self._make_client(i, data) for i, data in enumerate(self.client_data)]
+        # seeds mode: the server's mirror of each client's updater rebuilds its state from the upload
+        self.replicas = None if cfg.client_upload != "seeds" else [
+            ClientReplica.from_updater(client.updater, client_id=client.client_id) for client in self.clients]
         self.history: list[RoundRecord] = []
         self.start_round = 0
         self.eval_client = copy.deepcopy(split.client)
@@ -201,8 +207,15 @@ class Experiment:
             for upload in result.uploads:
                 server_losses.append(self.server.train_on(upload))
                 up += upload.nbytes
-            up += state_bytes(result.state)
-            states.append(result.state)
+            if self.replicas is None:
+                up += state_bytes(result.state)
+                states.append(result.state)
+            else:  # the upload goes through its wire format, as it would over a network
+                replica = self.replicas[client.client_id]
+                upload = SeedScalarUpload.from_tensors(seed_scalar_upload(client, result).to_tensors(),
+                                                       expected_buffers=replica.expected_buffers)
+                up += upload.nbytes
+                states.append(replica.rebuild(state, upload))
             counts.append(result.num_samples)
             client_losses.extend(result.losses)
             skipped += result.skipped_steps
@@ -268,12 +281,17 @@ class Experiment:
     def _metadata(self) -> dict[str, Any]:
         # `rounds` is left out so a finished run can be resumed to train further.
         identity = {k: v for k, v in asdict(self.config).items() if k != "rounds"}
+        if identity["client_upload"] == "parameters":  # absent from checkpoints written before the option
+            del identity["client_upload"]
         return {"config": identity, "format": 1}
 
     def save(self, round_number: int) -> Path:
         clients_state = []
         for client in self.clients:
-            if self.aux_method:
+            if self.replicas is not None:
+                clients_state.append({"updater": client.updater.state_dict(),
+                                      "replica": self.replicas[client.client_id].state_dict()})
+            elif self.aux_method:
                 clients_state.append({"updater": client.updater.state_dict()})
             else:
                 clients_state.append({"optimizer": client.optimizer.state_dict()})
@@ -299,6 +317,8 @@ class Experiment:
                     client.updater.load_state_dict(saved["updater"])
                 else:
                     client.optimizer.load_state_dict(saved["optimizer"])
+                if self.replicas is not None:
+                    self.replicas[client.client_id].load_state_dict(saved["replica"])
         except (RuntimeError, KeyError, ValueError) as error:
             raise ckpt.CheckpointError(f"checkpoint {path} does not match this run's model: {error}") from error
         self.history = [RoundRecord(**r) for r in metadata["history"]]
