@@ -136,3 +136,20 @@ class TestBadInput:
     def test_bad_counts(self):
         with pytest.raises(ValueError, match="rounds must be >= 1"):
             Experiment(replace(SMALL, rounds=0))
+
+
+def test_sequential_zo_schedule_trains_the_same_model():
+    """The schedule changes how a ZO step runs, not what it computes: same directions, same
+    estimates up to rounding, so the same model within float tolerance; less client memory."""
+    dual = Experiment(replace(SMALL, method="heron"))
+    sequential = Experiment(replace(SMALL, method="heron", zo_schedule="sequential"))
+    dual_report, sequential_report = dual.run(), sequential.run()
+    assert sequential.clients[0].updater.schedule == "sequential"
+    for key, value in _params(dual).items():
+        torch.testing.assert_close(_params(sequential)[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    assert sequential_report.client_peak_memory_bytes < dual_report.client_peak_memory_bytes
+
+
+def test_unknown_zo_schedule_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="dual, sequential"):
+        replace(SMALL, zo_schedule="interleaved").validate()

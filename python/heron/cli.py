@@ -136,6 +136,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--device", default=d["device"])
     parser.add_argument("--backend", default=d["backend"], help="kernel backend for ZO clients")
+    parser.add_argument("--zo-schedule", dest="zo_schedule", default=d["zo_schedule"], choices=["dual", "sequential"],
+                        help="ZO client step: both streams fused (dual) or one after the other (sequential: "
+                             "about half the activation memory)")
     parser.add_argument("--client-upload", dest="client_upload", default=d["client_upload"],
                         help="what ZO clients upload for FedAvg: parameters, or seeds (their steps' seeds and "
                              "scalars plus BatchNorm buffers; the server replays them; heron only)")

@@ -29,6 +29,7 @@ from heron.sfl.replay import ClientReplica, SeedScalarUpload, check_client_uploa
 from heron.sfl.roles import Client, ClientBatches, FedServer, MainServer, SplitClient, Upload, state_bytes
 from heron.sfl.state import pack, unpack
 from heron.stream import derive_seed
+from heron.updaters import SCHEDULES
 
 
 @dataclass
@@ -57,10 +58,13 @@ class TrainConfig:
     device: str = "cpu"
     backend: str | None = None
     client_upload: str = "parameters"  # "seeds": ZO clients upload seed-and-scalar records (heron.sfl.replay)
+    zo_schedule: str = "dual"  # ZOUpdater schedule: "dual" (fused streams) or "sequential" (half the activations)
 
     def validate(self) -> TrainConfig:
         check_method(self.method)
         check_client_upload(self.method, self.client_upload)
+        if self.zo_schedule not in SCHEDULES:
+            raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -169,6 +173,8 @@ class Experiment:
                                   "cut": "0", "lr": cfg.client_lr}
         if kind in ("zo", "mezo"):
             kwargs.update(mu=cfg.mu, q=cfg.q, lr=cfg.zo_lr)
+        if kind == "zo":
+            kwargs["schedule"] = cfg.zo_schedule
         if kind == "zo" and cfg.backend is not None:
             kwargs["backend"] = cfg.backend
         updater = UPDATERS[kind](model, self.loss_fn, **kwargs)
@@ -279,8 +285,9 @@ class Experiment:
         return self.checkpoint_dir / f"{self.config.method}-round{round_number:05d}.safetensors"
 
     def _metadata(self) -> dict[str, Any]:
-        # `rounds` is left out so a finished run can be resumed to train further.
-        identity = {k: v for k, v in asdict(self.config).items() if k != "rounds"}
+        # `rounds` is left out so a finished run can be resumed to train further; the ZO schedule
+        # changes only how a step is executed (and its rounding), not what the run computes.
+        identity = {k: v for k, v in asdict(self.config).items() if k not in ("rounds", "zo_schedule")}
         if identity["client_upload"] == "parameters":  # absent from checkpoints written before the option
             del identity["client_upload"]
         return {"config": identity, "format": 1}

@@ -214,7 +214,8 @@ def replica_arguments(updater: ZOUpdater) -> dict[str, Any]:
     return {"mu": updater.mu, "q": updater.q, "direction": updater.direction, "optimizer": updater.optimizer,
             "lr": updater.lr, "weight_decay": updater.weight_decay, "betas": updater.betas, "eps": updater.eps,
             "seed": updater.seed, "params": list(updater.param_names), "perturbation": updater.perturbation,
-            "rank": updater.rank or None, "lazy_steps": updater.lazy_steps, "backend": updater.backend}
+            "rank": updater.rank or None, "lazy_steps": updater.lazy_steps, "backend": updater.backend,
+            "schedule": updater.schedule}
 
 
 def _no_loss(*args: Any) -> torch.Tensor:
