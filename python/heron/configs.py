@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from heron.models import GPT2Config, gpt2_split, resnet18_split
-from heron.models.gpt2 import lm_loss
+from heron.models.gpt2 import HeadHidden, LMHeadLoss, lm_loss
 from heron.updaters import FOUpdater, MeZOUpdater, ZOUpdater
 
 
@@ -27,6 +27,9 @@ class ClientConfig:
     loss_fn: Callable
     updater_kwargs: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # (model, loss_fn) for the forward-only updaters (zo, zo-seq, mezo) when it differs: the same
+    # parameters, with the LM head's logits folded into a chunked loss (never held whole).
+    forward_only: tuple[nn.Module, Callable] | None = None
 
 
 def resnet18_paper(batch_size: int = 256, device: str = "cpu") -> ClientConfig:
@@ -46,12 +49,15 @@ def gpt2m_paper(batch_size: int = 8, seq_len: int = 512, device: str = "cpu") ->
     split = gpt2_split(GPT2Config.medium(), cut=6, aux_blocks=3, rank=8, n_layer=9)
     model = split.client_with_aux().to(device)
     tokens = torch.randint(0, GPT2Config.medium().vocab_size, (batch_size, seq_len), device=device)
+    client, aux = model[0], model[1]
+    forward_only = (nn.Sequential(client, HeadHidden(aux)), LMHeadLoss(aux.unembed))
     return ClientConfig("gpt2m-paper", model, (tokens, tokens), lm_loss, {"optimizer": "adam", "lr": 1e-4},
                         f"GPT-2 Medium client: 6 blocks + aux 3 blocks + unembedding, LoRA r=8, "
-                        f"batch {batch_size} x seq {seq_len}")
+                        f"batch {batch_size} x seq {seq_len}", forward_only)
 
 
 CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper}
+FORWARD_ONLY = ("zo", "zo-seq", "mezo")
 UPDATERS = {"zo": ZOUpdater, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"), "fo": FOUpdater,
             "mezo": MeZOUpdater}
 
@@ -66,4 +72,7 @@ def build_updater(kind: str, config: ClientConfig, **overrides: Any):
     if kind not in UPDATERS:
         raise KeyError(f"unknown updater {kind!r}; valid: {sorted(UPDATERS)}")
     kwargs = {**config.updater_kwargs, "cut": "0", **overrides}
-    return UPDATERS[kind](config.model, config.loss_fn, **kwargs)
+    model, loss_fn = config.model, config.loss_fn
+    if kind in FORWARD_ONLY and config.forward_only is not None:
+        model, loss_fn = config.forward_only
+    return UPDATERS[kind](model, loss_fn, **kwargs)

@@ -379,3 +379,50 @@ def perturb_(param: torch.Tensor, seed: int, *, alpha: float, offset: int = 0,
     seed, offset = check_key(seed, offset, param.numel())
     name = _backend_name(backend, param.device)
     return _in_place(param, lambda p: torch.ops.heron.perturb_(p, seed, offset, alpha, name))
+
+
+# Bytes of float32 logits one chunk of linear_cross_entropy holds.
+_LOGIT_CHUNK_BYTES = 64 << 20
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, *, ignore_index: int = -100,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T + bias against targets, computed in row
+    chunks so the (rows x vocab) logits are never held whole (an LM head's output at batch 8 x seq
+    512 x vocab 50257 is 823 MB in float32; a chunk is bounded by 64 MiB).
+
+    Forward-only use (zeroth-order steps, evaluation) is where it saves memory: under autograd
+    every chunk's logits are kept for the backward pass anyway.
+
+    Args:
+        hidden: (..., d) float; weight: (vocab, d); bias: (vocab,) or None.
+        targets: (...) int64 class ids matching hidden's leading dims; ignore_index entries are
+            left out of the mean.
+        chunk_rows: rows per chunk (default: as many as fit the 64 MiB logits budget).
+    Returns:
+        a scalar float32 tensor (NaN if every target is ignored, as torch's cross_entropy).
+    """
+    hidden = _check_float_tensor(hidden, "hidden")
+    weight = _check_float_tensor(weight, "weight")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be (vocab, d) with d = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if not isinstance(targets, torch.Tensor) or targets.dtype != torch.int64 or targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must be an int64 tensor of shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dims), got {_describe(targets) if isinstance(targets, torch.Tensor) else type(targets)}")
+    if bias is not None:
+        _check_shape(_check_float_tensor(bias, "bias"), "bias", (weight.shape[0],), "(vocab,)")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    labels = targets.reshape(-1)
+    if chunk_rows is None:
+        chunk_rows = max(1, _LOGIT_CHUNK_BYTES // (4 * weight.shape[0]))
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(rows[start:start + chunk_rows], weight, bias).float()
+        total = total + torch.nn.functional.cross_entropy(
+            logits, labels[start:start + chunk_rows], ignore_index=ignore_index, reduction="sum")
+        del logits
+    return total / (labels != ignore_index).sum()

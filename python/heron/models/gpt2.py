@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heron.functional import linear_cross_entropy
 from heron.models.split import SplitModel, freeze
 from heron.nn import LoRALinear
 
@@ -93,6 +94,34 @@ class Head(nn.Module):
 
     def forward(self, x):
         return self.unembed(self.ln_f(self.blocks(x)))
+
+
+class HeadHidden(nn.Module):
+    """A Head without its unembedding: blocks + final norm, returning hidden states (B, T, d).
+
+    It shares the head's modules (same parameter names and objects), so an updater built on
+    nn.Sequential(client, HeadHidden(aux)) trains the same parameters as one built on
+    nn.Sequential(client, aux). Pair it with LMHeadLoss(aux.unembed): a forward-only (ZO) step
+    then never holds the (B, T, vocab) logits.
+    """
+
+    def __init__(self, head: Head):
+        super().__init__()
+        self.blocks, self.ln_f = head.blocks, head.ln_f
+
+    def forward(self, x):
+        return self.ln_f(self.blocks(x))
+
+
+class LMHeadLoss:
+    """Next-token cross-entropy of hidden states through a (frozen) unembedding, logits computed
+    in bounded chunks (heron.functional.linear_cross_entropy): loss(hidden (B, T, d), tokens (B, T))."""
+
+    def __init__(self, unembed: nn.Linear):
+        self.unembed = unembed
+
+    def __call__(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden[:, :-1], self.unembed.weight, tokens[:, 1:], self.unembed.bias)
 
 
 def _init(module: nn.Module) -> None:

@@ -1,0 +1,45 @@
+"""One client step, same model and batch, updaters side by side in one run: the fused ZO step
+(dual and sequential schedules) against the MeZO-style in-place ZO step and the first-order
+step (backprop + Adam, CSE-FSL's client). Rows hold peak memory, FLOPs and median time of each,
+and the ZO/FO and ZO/MeZO ratios (issue 4's targets: memory <= 0.30x FO, FLOPs <= 0.67x FO,
+time <= 0.7x FO on CPU and >= 1.5x faster than MeZO).
+
+The GPT-2 Medium client takes ~15 s per step on a 2-core CPU; select it with
+`-k gpt2m` or leave it out with `-k resnet18`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heron.configs import build_config, build_updater
+from heron.profile import profile_step
+
+pytestmark = pytest.mark.bench
+
+UPDATERS = ("zo", "zo-seq", "fo", "mezo")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("model", ["resnet18-paper", "gpt2m-paper"])
+def test_client_step_updaters(record, model):
+    device = _device()
+    config = build_config(model, device=device)
+    repeats = 3 if model == "resnet18-paper" or device == "cuda" else 1
+    results = {}
+    for kind in UPDATERS:
+        updater = build_updater(kind, config)
+        results[kind] = profile_step(updater, config.batch, warmup=1, repeats=repeats)
+        del updater
+    fo, mezo = results["fo"], results["mezo"]
+    for kind, r in results.items():
+        record("client_step", model=model, device=device, updater=kind, peak_memory_bytes=r.peak_memory_bytes,
+               flops=r.flops, time_s=r.time_s,
+               memory_vs_fo=r.peak_memory_bytes / fo.peak_memory_bytes, flops_vs_fo=r.flops / fo.flops,
+               time_vs_fo=r.time_s / fo.time_s, speedup_vs_mezo=mezo.time_s / r.time_s)
+    for kind in ("zo", "zo-seq"):
+        assert results[kind].flops > 0 and results[kind].peak_memory_bytes > 0
