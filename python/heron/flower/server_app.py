@@ -68,7 +68,8 @@ class _NodeBinding:
         return None
 
 
-def _wait_for_nodes(grid: Grid, wanted: int, wait_s: float) -> list[int]:
+def _connected_nodes(grid: Grid, wanted: int, wait_s: float, round_index: int) -> list[int]:
+    """The connected node ids, after waiting up to wait_s seconds for `wanted` of them."""
     deadline = time.monotonic() + wait_s
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -76,9 +77,10 @@ def _wait_for_nodes(grid: Grid, wanted: int, wait_s: float) -> list[int]:
             break
         time.sleep(0.5)
     if not nodes:
-        raise RuntimeError(f"no node connected within node_wait={wait_s} s")
+        raise RuntimeError(f"round {round_index + 1}: no node connected (waited {wait_s} s)")
     if len(nodes) < wanted:
-        log.warning("only %d of %d nodes connected within %s s; running with them", len(nodes), wanted, wait_s)
+        log.warning("round %d: only %d of %d nodes connected (waited %s s); running with them", round_index + 1,
+                    len(nodes), wanted, wait_s)
     return nodes
 
 
@@ -91,8 +93,8 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
     binding = _NodeBinding()
     timeout = settings.round_timeout or None
     for round_index in range(config.rounds):
+        nodes = _connected_nodes(grid, config.clients, settings.node_wait if round_index == 0 else 0.0, round_index)
         started = time.perf_counter()
-        nodes = _wait_for_nodes(grid, config.clients, settings.node_wait if round_index == 0 else 0.0)
         state = server.broadcast()
         content = encode_request(config, round_index, state)
         # With a timeout, the messages expire with it: a node must not train a round the server gave up on.
@@ -170,4 +172,10 @@ def make_server_app(config: TrainConfig | None = None, settings: FlowerSettings 
     return app
 
 
-app = make_server_app()
+def print_round(record: RoundRecord) -> None:
+    """One progress line per round (a deployed ServerApp's stdout reaches `flwr run --stream` / `flwr log`)."""
+    print(f"round {record.round}: test acc {record.test_accuracy:.4f}, client loss {record.client_loss:.4f} "
+          f"({record.seconds:.1f} s)", flush=True)
+
+
+app = make_server_app(on_round=print_round)
