@@ -173,3 +173,19 @@ def test_missing_nodes_do_not_stop_the_run(caplog):
         run = run_rounds(InProcessGrid(make_client_app(), 2, partitions=3), CONFIG, FlowerSettings(node_wait=0.0))
     assert [o.aggregated for o in run.outcomes] == [[0, 1], [0, 1]]
     assert "round 1: only 2 of 3 nodes connected (waited 0.0 s); running with them" in caplog.text
+
+
+def test_a_restarted_node_takes_over_its_client():
+    """Node 102 goes away after round 1; node 200 comes back as partition 2 (a restarted SuperNode)."""
+
+    class RestartingGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = super().send_and_receive(messages, timeout=timeout)
+            if 102 in self.contexts:
+                context = self.contexts.pop(102)
+                self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
+                                             node_config=context.node_config)
+            return replies
+
+    run = run_rounds(RestartingGrid(make_client_app(), 3), CONFIG, FlowerSettings())
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]

@@ -51,19 +51,23 @@ class FlowerRun:
 
 class _NodeBinding:
     """Which node is which client: a node keeps the client id it first replied with, and no two
-    nodes share one."""
+    connected nodes share one. A client whose node has gone (a restarted SuperNode comes back with
+    a new node id) may be taken over by a new node; its updater state then starts afresh."""
 
     def __init__(self):
         self.client_of: dict[int, int] = {}
 
-    def check(self, node_id: int, client_id: int) -> str | None:
+    def check(self, node_id: int, client_id: int, connected: set[int]) -> str | None:
         """None when node_id may speak for client_id (binding it), otherwise the reason it may not."""
         bound = self.client_of.get(node_id)
         if bound is not None and bound != client_id:
             return f"node {node_id} is client {bound} but replied as client {client_id}"
         holder = next((n for n, c in self.client_of.items() if c == client_id and n != node_id), None)
-        if holder is not None:
+        if holder is not None and holder in connected:
             return f"client {client_id} is node {holder}; node {node_id} replied as client {client_id} too"
+        if holder is not None:
+            log.warning("client %d moved from node %d (gone) to node %d", client_id, holder, node_id)
+            del self.client_of[holder]
         self.client_of[node_id] = client_id
         return None
 
@@ -102,7 +106,7 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
                     for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         outcome = RoundOutcome(round_index + 1)
-        valid = _check_replies(replies, server, round_index, binding, outcome)
+        valid = _check_replies(replies, server, round_index, binding, set(nodes), outcome)
         for node in sorted(set(nodes) - {reply.metadata.src_node_id for reply in replies}):
             _leave_out(outcome, round_index, LeftOut(node, f"no reply within round_timeout={settings.round_timeout} s",
                                                      binding.client_of.get(node)))
@@ -115,7 +119,7 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
 
 
 def _check_replies(replies: list[Message], server: SplitServer, round_index: int, binding: _NodeBinding,
-                   outcome: RoundOutcome) -> list[ClientReply]:
+                   connected: set[int], outcome: RoundOutcome) -> list[ClientReply]:
     spec = server.reply_spec(round_index)
     valid = []
     for reply in replies:
@@ -130,7 +134,7 @@ def _check_replies(replies: list[Message], server: SplitServer, round_index: int
         except MessageRejected as error:
             _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {error}", binding.client_of.get(node)))
             continue
-        problem = binding.check(node, decoded.result.client_id)
+        problem = binding.check(node, decoded.result.client_id, connected)
         if problem is not None:
             _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {problem}", decoded.result.client_id))
             continue
