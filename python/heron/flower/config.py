@@ -36,7 +36,8 @@ class FlowerSettings:
     """What the Flower transport adds to a TrainConfig.
 
     round_timeout: seconds the ServerApp waits for a round's replies (0: until every node replies).
-    node_wait: seconds the ServerApp waits at start for `clients` nodes to connect.
+    node_wait: seconds the ServerApp waits for `clients` nodes before round 1 (later rounds: for any
+        node, when none is connected); each round runs with the nodes connected.
     report: when set, the ServerApp writes the run's JSON report (heron train's format) here.
     """
 

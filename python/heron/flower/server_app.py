@@ -72,8 +72,10 @@ class _NodeBinding:
         return None
 
 
-def _connected_nodes(grid: Grid, wanted: int, wait_s: float, round_index: int) -> list[int]:
-    """The connected node ids, after waiting up to wait_s seconds for `wanted` of them."""
+def _connected_nodes(grid: Grid, clients: int, wait_s: float, round_index: int) -> list[int]:
+    """The connected node ids. Before round 1, wait up to wait_s seconds for `clients` nodes; later,
+    only while no node at all is connected."""
+    wanted = clients if round_index == 0 else 1
     deadline = time.monotonic() + wait_s
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -82,9 +84,9 @@ def _connected_nodes(grid: Grid, wanted: int, wait_s: float, round_index: int) -
         time.sleep(0.5)
     if not nodes:
         raise RuntimeError(f"round {round_index + 1}: no node connected (waited {wait_s} s)")
-    if len(nodes) < wanted:
-        log.warning("round %d: only %d of %d nodes connected (waited %s s); running with them", round_index + 1,
-                    len(nodes), wanted, wait_s)
+    if len(nodes) < clients:
+        log.warning("round %d: only %d of %d nodes connected; running with them", round_index + 1, len(nodes),
+                    clients)
     return nodes
 
 
@@ -97,7 +99,7 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
     binding = _NodeBinding()
     timeout = settings.round_timeout or None
     for round_index in range(config.rounds):
-        nodes = _connected_nodes(grid, config.clients, settings.node_wait if round_index == 0 else 0.0, round_index)
+        nodes = _connected_nodes(grid, config.clients, settings.node_wait, round_index)
         started = time.perf_counter()
         state = server.broadcast()
         content = encode_request(config, round_index, state)
@@ -121,9 +123,14 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
 def _check_replies(replies: list[Message], server: SplitServer, round_index: int, binding: _NodeBinding,
                    connected: set[int], outcome: RoundOutcome) -> list[ClientReply]:
     spec = server.reply_spec(round_index)
-    valid = []
+    valid, seen = [], set()
     for reply in replies:
         node = reply.metadata.src_node_id
+        if node in seen:
+            _leave_out(outcome, round_index, LeftOut(node, "a second reply in one round (only the first is used)",
+                                                     binding.client_of.get(node)))
+            continue
+        seen.add(node)
         if reply.has_error():
             error = reply.error
             _leave_out(outcome, round_index, LeftOut(node, f"client failed (error code {error.code}): {error.reason}",
@@ -133,6 +140,10 @@ def _check_replies(replies: list[Message], server: SplitServer, round_index: int
             decoded = decode_reply(reply.content, spec)
         except MessageRejected as error:
             _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {error}", binding.client_of.get(node)))
+            continue
+        except Exception as error:  # noqa: BLE001 - whatever a node sends must not end the round
+            _leave_out(outcome, round_index, LeftOut(node, f"reply could not be decoded: {type(error).__name__}: "
+                                                     f"{error}", binding.client_of.get(node)))
             continue
         problem = binding.check(node, decoded.result.client_id, connected)
         if problem is not None:
