@@ -107,7 +107,7 @@ def _client_uploads(methods: list[str], client_upload: str, compare: bool) -> di
     return dict.fromkeys(methods, client_upload)
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> None:
+def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, checkpoints: bool = True) -> None:
     from heron.sfl.engine import TrainConfig
     from heron.sfl.methods import METHODS, MODELS
 
@@ -144,8 +144,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict) -> Non
                              "scalars plus BatchNorm buffers; the server replays them; heron only)")
     parser.add_argument("--report", default=d.get("report"), help="write the JSON report here")
     parser.add_argument("--plot", default=d.get("plot"), help="write the accuracy PNG here")
-    parser.add_argument("--checkpoint-dir", dest="checkpoint_dir", default=d.get("checkpoint_dir"))
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    if checkpoints:
+        parser.add_argument("--checkpoint-dir", dest="checkpoint_dir", default=d.get("checkpoint_dir"))
+        parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--no-progress", dest="no_progress", action="store_true")
 
 
@@ -209,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="HERON-SFL and baselines: rounds, server, FedAvg, reports")
     _add_train_arguments(train, {})
     train.set_defaults(handler=_cmd_train)
+
+    from heron.flower import cli as flower_cli  # imports flwr only when the command runs
+
+    flower = commands.add_parser("flower", help="the same training as a Flower app, simulated on this machine "
+                                                "(Ray); docs/flower.md runs it across machines")
+    _add_train_arguments(flower, {}, checkpoints=False)
+    flower_cli.add_arguments(flower)
+    flower.set_defaults(handler=flower_cli.run)
 
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
     prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])

@@ -108,6 +108,34 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     raise ValueError(f"optimizer must be one of sgd, adam, adamw, got {name!r}")
 
 
+def build_client(config: TrainConfig, client_id: int, data, model: nn.Module, loss_fn: Callable,
+                 device: torch.device | str = "cpu") -> Client | SplitClient:
+    """Client `client_id` of a run, as the engine builds it (shared with the Flower ClientApp).
+
+    data: the client's ClientData (x (n, C, H, W), y (n,)); model: the client's own copy of the
+    global client model (client part + aux head for the auxiliary-head methods, the client part
+    alone for SFL-V1/V2), already on `device`. Batches, updater seed and optimizer depend only on
+    (config, client_id), so every process that builds client i builds the same client.
+    """
+    cfg = config
+    batches = ClientBatches(data.x, data.y, cfg.batch_size, cfg.seed, client_id)
+    if cfg.method not in AUX_METHODS:
+        optimizer = _optimizer(cfg.client_optimizer, model.parameters(), cfg.client_lr)
+        return SplitClient(client_id, model, optimizer, batches, local_steps=cfg.local_steps, device=device)
+    kind = UPDATER_OF_METHOD[cfg.method]
+    kwargs: dict[str, Any] = {"optimizer": cfg.client_optimizer, "seed": derive_seed(cfg.seed, client_id),
+                              "cut": "0", "lr": cfg.client_lr}
+    if kind in ("zo", "mezo"):
+        kwargs.update(mu=cfg.mu, q=cfg.q, lr=cfg.zo_lr)
+    if kind == "zo":
+        kwargs["schedule"] = cfg.zo_schedule
+    if kind == "zo" and cfg.backend is not None:
+        kwargs["backend"] = cfg.backend
+    updater = UPDATERS[kind](model, loss_fn, **kwargs)
+    return Client(client_id, model, updater, batches, local_steps=cfg.local_steps,
+                  upload_every=cfg.upload_every, device=device)
+
+
 class _SplitClientStep:
     """Profiling stand-in for an SFL-V1/V2 client step: forward, backward with a server-shaped gradient."""
 
@@ -162,24 +190,7 @@ class Experiment:
         self.eval_client = copy.deepcopy(split.client)
 
     def _make_client(self, client_id: int, data):
-        cfg = self.config
-        model = copy.deepcopy(self.global_model)
-        batches = ClientBatches(data.x, data.y, cfg.batch_size, cfg.seed, client_id)
-        if not self.aux_method:
-            optimizer = _optimizer(cfg.client_optimizer, model.parameters(), cfg.client_lr)
-            return SplitClient(client_id, model, optimizer, batches, local_steps=cfg.local_steps, device=self.device)
-        kind = UPDATER_OF_METHOD[cfg.method]
-        kwargs: dict[str, Any] = {"optimizer": cfg.client_optimizer, "seed": derive_seed(cfg.seed, client_id),
-                                  "cut": "0", "lr": cfg.client_lr}
-        if kind in ("zo", "mezo"):
-            kwargs.update(mu=cfg.mu, q=cfg.q, lr=cfg.zo_lr)
-        if kind == "zo":
-            kwargs["schedule"] = cfg.zo_schedule
-        if kind == "zo" and cfg.backend is not None:
-            kwargs["backend"] = cfg.backend
-        updater = UPDATERS[kind](model, self.loss_fn, **kwargs)
-        return Client(client_id, model, updater, batches, local_steps=cfg.local_steps,
-                      upload_every=cfg.upload_every, device=self.device)
+        return build_client(self.config, client_id, data, copy.deepcopy(self.global_model), self.loss_fn, self.device)
 
     # -- one round --------------------------------------------------------------------------
     def _broadcast(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,106 @@
+"""The run's configuration on the wire and in Flower's run config.
+
+A Flower run is configured by the engine's `TrainConfig` (the same fields as `heron train`) plus
+`FlowerSettings` (what only the Flower transport needs). Both travel as flat scalar mappings: the
+ServerApp reads them from `context.run_config` (the `[tool.flwr.app.config]` table of the app's
+pyproject.toml, overridable with `flwr run --run-config`), and the server sends the TrainConfig to
+every client in each round's message as a ConfigRecord. Flower config values cannot be None, so
+`TrainConfig.backend = None` travels as "".
+
+Parsing is strict: unknown keys, missing keys (on the wire) and wrongly typed values are errors
+naming the key, the expected type and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from heron.sfl.engine import TrainConfig
+from heron.sfl.methods import AUX_METHODS
+
+# TrainConfig field -> the Python type its value must have (float fields also accept ints); a test keeps it in
+# step with TrainConfig.
+_TRAIN_TYPES: dict[str, type] = {
+    "method": str, "model": str, "dataset": str, "clients": int, "rounds": int, "local_steps": int,
+    "upload_every": int, "batch_size": int, "partition": str, "alpha": float, "client_optimizer": str,
+    "client_lr": float, "zo_lr": float, "mu": float, "q": int, "server_optimizer": str, "server_lr": float,
+    "weighting": str, "seed": int, "device": str, "backend": str, "client_upload": str, "zo_schedule": str,
+}
+
+
+@dataclass
+class FlowerSettings:
+    """What the Flower transport adds to a TrainConfig.
+
+    round_timeout: seconds the ServerApp waits for a round's replies (0: until every node replies).
+    node_wait: seconds the ServerApp waits for `clients` nodes before round 1 (later rounds: for any
+        node, when none is connected); each round runs with the nodes connected.
+    report: when set, the ServerApp writes the run's JSON report (heron train's format) here.
+    """
+
+    round_timeout: float = 0.0
+    node_wait: float = 120.0
+    report: str = ""
+
+    def validate(self) -> FlowerSettings:
+        for name in ("round_timeout", "node_wait"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        return self
+
+
+_SETTING_TYPES: dict[str, type] = {"round_timeout": float, "node_wait": float, "report": str}
+
+
+def check_flower_method(method: str) -> str:
+    """The Flower app runs the auxiliary-head methods only."""
+    if method not in AUX_METHODS:
+        raise ValueError(f"method {method!r} is not supported by the Flower app: SFL-V1/V2 need a server round "
+                         f"trip (the cut-layer gradient) after every local step, which this app does not do; "
+                         f"use one of {', '.join(AUX_METHODS)}, or `heron train` for {method}")
+    return method
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    # bool is an int subclass in Python; a bool where a number belongs is a mistake, not a 0 or 1.
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not kind:
+        raise TypeError(f"config key {key!r} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def train_config_to_record(config: TrainConfig) -> dict[str, str | int | float]:
+    """TrainConfig as flat Flower config scalars (backend None -> "")."""
+    values = asdict(config)
+    values["backend"] = values["backend"] or ""
+    return values
+
+
+def train_config_from_record(record: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig a round message carries: exactly TrainConfig's fields, each correctly typed, validated."""
+    missing, extra = sorted(_TRAIN_TYPES.keys() - record.keys()), sorted(record.keys() - _TRAIN_TYPES.keys())
+    if missing or extra:
+        raise ValueError(f"train config: missing keys {missing}, unexpected keys {extra}")
+    values = {key: _typed(key, record[key], kind) for key, kind in _TRAIN_TYPES.items()}
+    values["backend"] = values["backend"] or None
+    return TrainConfig(**values).validate()
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, FlowerSettings]:
+    """(TrainConfig, FlowerSettings) from a Flower run config; absent keys take their defaults."""
+    unknown = sorted(run_config.keys() - _TRAIN_TYPES.keys() - _SETTING_TYPES.keys())
+    if unknown:
+        raise ValueError(f"run config has unknown keys {unknown}; valid keys: "
+                         f"{sorted(_TRAIN_TYPES) + sorted(_SETTING_TYPES)}")
+    train = {k: _typed(k, v, _TRAIN_TYPES[k]) for k, v in run_config.items() if k in _TRAIN_TYPES}
+    if "backend" in train:
+        train["backend"] = train["backend"] or None
+    settings = {k: _typed(k, v, _SETTING_TYPES[k]) for k, v in run_config.items() if k in _SETTING_TYPES}
+    config = TrainConfig(**train).validate()
+    check_flower_method(config.method)
+    return config, FlowerSettings(**settings).validate()

@@ -1,0 +1,144 @@
+"""The server side of a Flower run, free of transport: the engine's MainServer and FedServer fed
+with the clients' decoded replies.
+
+`SplitServer` holds a `heron.sfl.engine.Experiment` built from the same TrainConfig, so the
+initial global model, the server part and its optimizer, FedAvg, evaluation and the report are
+the engine's own. Its in-process client replicas are never trained: only client 0 is profiled
+once (on a copy) for the report's client-cost columns, as `heron train` does. A round is what
+`Experiment._aux_round` does with the clients' results: in client-id order, the main server trains
+on each client's uploads, then the fed server averages the client models.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from heron.flower.codec import ClientReply, ReplySpec, TensorSpec, specs_of
+from heron.flower.config import check_flower_method
+from heron.sfl.engine import Experiment, MethodReport, RoundRecord, TrainConfig
+from heron.sfl.roles import ClientRoundResult, state_bytes
+
+log = logging.getLogger("heron.flower")
+
+
+@dataclass
+class LeftOut:
+    """A node whose reply was not used in a round, and why."""
+
+    node_id: int
+    reason: str
+    client_id: int | None = None
+
+
+@dataclass
+class RoundOutcome:
+    """Which clients a round aggregated and which nodes it left out."""
+
+    round: int
+    aggregated: list[int] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)
+
+
+class SplitServer:
+    """Main server + fed server of one Flower run (see the module docstring)."""
+
+    def __init__(self, config: TrainConfig, *, progress: Callable[[str], None] | None = None, dataset=None,
+                 client_data=None):
+        check_flower_method(config.method)
+        self.experiment = Experiment(config, progress=progress, dataset=dataset, client_data=client_data)
+        self.config = self.experiment.config
+        self.log = self.experiment.log
+        self.state_spec = specs_of(self.experiment.global_model.state_dict())
+        self.smashed_spec = self._smashed_spec()
+        self.outcomes: list[RoundOutcome] = []
+        self.profile = None
+
+    def _smashed_spec(self) -> TensorSpec:
+        """One sample's cut-layer output: run the client part on one zero image (on a copy, in eval mode)."""
+        data = self.experiment.dataset
+        client_part = copy.deepcopy(self.experiment.global_model[0]).eval()
+        with torch.no_grad():
+            x = torch.zeros(1, data.in_channels, data.image_size, data.image_size,
+                            dtype=data.x_train.dtype, device=self.experiment.device)
+            out = client_part(x)
+        return TensorSpec(tuple(out.shape[1:]), out.dtype)
+
+    def start(self) -> None:
+        """Profile one client step for the report, before round 1, as Experiment.run does."""
+        self.profile = self.experiment.profile_client()
+
+    def broadcast(self) -> dict[str, torch.Tensor]:
+        """The global client model (client part + aux head) sent to every node."""
+        return self.experiment.client_parameters()
+
+    def reply_spec(self, round_index: int, client_upload: str = "smashed") -> ReplySpec:
+        cfg, data = self.config, self.experiment.dataset
+        return ReplySpec(round_index=round_index, client_upload=client_upload, clients=cfg.clients,
+                         local_steps=cfg.local_steps, upload_every=cfg.upload_every, batch_size=cfg.batch_size,
+                         max_samples=len(data.y_train), num_classes=data.num_classes, state=self.state_spec,
+                         smashed=self.smashed_spec)
+
+    def finish_round(self, round_index: int, replies: list[ClientReply], outcome: RoundOutcome, *,
+                     bytes_down: int, started: float) -> RoundRecord:
+        """Train the server on the replies in client-id order, FedAvg them, evaluate; the round's record.
+
+        With no replies the global client model stays as it was (and the server part untrained).
+        """
+        exp = self.experiment
+        states, counts, client_losses, server_losses = [], [], [], []
+        up = skipped = 0
+        for reply in sorted(replies, key=lambda r: r.result.client_id):
+            result = self.absorb(reply)
+            for upload in result.uploads:
+                server_losses.append(exp.server.train_on(upload))
+                up += upload.nbytes
+            up += state_bytes(result.state)
+            states.append(result.state)
+            counts.append(result.num_samples)
+            client_losses.extend(result.losses)
+            skipped += result.skipped_steps
+            outcome.aggregated.append(result.client_id)
+            self.log(f"round {round_index + 1} client {result.client_id}: loss {result.losses[-1]:.4f}")
+        if states:
+            exp.global_model.load_state_dict(exp.fed.aggregate(states, counts))
+        else:
+            log.warning("round %d: no valid client replies; the global client model is kept", round_index + 1)
+        record = RoundRecord(
+            round=round_index + 1, test_accuracy=exp.evaluate(),
+            client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
+            server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
+            bytes_up=up, bytes_down=bytes_down, seconds=time.perf_counter() - started, skipped_steps=skipped)
+        exp.history.append(record)
+        self.outcomes.append(outcome)
+        return record
+
+    def absorb(self, reply: ClientReply) -> ClientRoundResult:
+        """The ClientRoundResult a reply stands for. HOOK (seeds): a "seeds" reply would be rebuilt here
+        (heron.sfl.replay.ClientReplica.rebuild(broadcast state, upload)) into the client's state and
+        smashed data before the main server trains on it."""
+        if reply.kind == "smashed":
+            return reply.result
+        raise ValueError(f"reply kind {reply.kind!r} is not handled by this server")
+
+    def report(self) -> MethodReport:
+        """The engine's MethodReport of the rounds run so far."""
+        exp, profile = self.experiment, self.profile
+        if profile is None:
+            raise RuntimeError("call start() before report(): the report includes the client profile")
+        return MethodReport(
+            method=self.config.method, final_accuracy=exp.history[-1].test_accuracy if exp.history else 0.0,
+            client_peak_memory_bytes=profile.peak_memory_bytes, client_flops_per_step=profile.flops,
+            client_step_time_s=profile.time_s, bytes_up=sum(r.bytes_up for r in exp.history),
+            bytes_down=sum(r.bytes_down for r in exp.history), rounds=list(exp.history))
+
+    def client_parameters(self) -> dict[str, torch.Tensor]:
+        return self.experiment.client_parameters()
+
+    def server_parameters(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.experiment.server_model.state_dict().items()}

@@ -1,0 +1,49 @@
+"""TrainConfig on the wire and in Flower's run config (no Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from heron.flower import config as fc  # noqa: E402
+from heron.sfl.engine import TrainConfig  # noqa: E402
+
+
+def test_wire_types_cover_exactly_the_train_config_fields():
+    assert set(fc._TRAIN_TYPES) == {f.name for f in fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_train_config_round_trips(backend):
+    config = TrainConfig(method="cse-fsl", clients=3, alpha=1.5, backend=backend)
+    assert fc.train_config_from_record(fc.train_config_to_record(config)) == config
+
+
+def test_wire_config_is_strict():
+    record = fc.train_config_to_record(TrainConfig())
+    with pytest.raises(ValueError, match=r"missing keys \['seed'\], unexpected keys \['speed'\]"):
+        fc.train_config_from_record({**{k: v for k, v in record.items() if k != "seed"}, "speed": 1})
+    with pytest.raises(TypeError, match="config key 'rounds' must be int, got bool True"):
+        fc.train_config_from_record({**record, "rounds": True})
+    with pytest.raises(ValueError, match="local_steps must be >= 1"):
+        fc.train_config_from_record({**record, "local_steps": 0})
+    assert fc.train_config_from_record({**record, "mu": 1}).mu == 1.0  # an int where a float belongs is fine
+
+
+def test_run_config_fills_defaults_and_checks_keys():
+    config, settings = fc.from_run_config({"clients": 3, "rounds": 2, "round_timeout": 30, "backend": ""})
+    assert config == TrainConfig(clients=3, rounds=2)
+    assert settings == fc.FlowerSettings(round_timeout=30.0)
+    with pytest.raises(ValueError, match=r"unknown keys \['round-timeout'\]"):
+        fc.from_run_config({"round-timeout": 3})
+    with pytest.raises(ValueError, match="round_timeout must be a finite number >= 0"):
+        fc.from_run_config({"round_timeout": -1.0})
+
+
+@pytest.mark.parametrize("method", ["sflv1", "sflv2"])
+def test_split_learning_methods_are_refused_with_the_reason(method):
+    with pytest.raises(ValueError, match="need a server round trip .* after every local step"):
+        fc.from_run_config({"method": method})
