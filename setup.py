@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -85,9 +85,13 @@ def extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = extensions()
 
+# Every subpackage (heron.sfl, heron.models, heron.flower, ...) must be listed for a non-editable install.
+PACKAGES = [f"heron.{p}" for p in find_packages("python/heron")] + ["heron", "heron_kernels"]
+
 setup(
     package_dir={"heron": "python/heron", "heron_kernels": "heron_kernels"},
-    packages=["heron", "heron_kernels"],
+    packages=PACKAGES,
+    package_data={"heron.flower": ["app/pyproject.toml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

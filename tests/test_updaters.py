@@ -365,3 +365,19 @@ def test_sequential_schedule_rejects_lowrank():
                   schedule="sequential")
     with pytest.raises(ValueError, match="schedule"):
         ZOUpdater(small_mlp(), nn.functional.cross_entropy, lr=1e-3, schedule="interleaved")
+
+
+def test_zo_state_dict_round_trip_and_unknown_parameters():
+    model = small_mlp()
+    batch = batch_for(model)
+    updater = ZOUpdater(model, nn.functional.cross_entropy, lr=1e-3, optimizer="adam", seed=1)
+    updater.step(batch)
+    state = updater.state_dict()
+    other = ZOUpdater(copy.deepcopy(model), nn.functional.cross_entropy, lr=1e-3, optimizer="adam", seed=1)
+    other.load_state_dict(state)
+    assert other.steps == 1
+    for name, (m, v) in updater.state.items():
+        assert torch.equal(other.state[name][0], m) and torch.equal(other.state[name][1], v)
+    bad = {"steps": 1, "moments": {"9.weight": (torch.zeros(1), torch.zeros(1))}}
+    with pytest.raises(ValueError, match="9.weight"):
+        other.load_state_dict(bad)

@@ -367,8 +367,15 @@ class ZOUpdater(_Updater):
         return {"steps": self.steps, "moments": {n: (m.clone(), v.clone()) for n, (m, v) in self.state.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore steps and Adam moments; the moments move to their parameter's device (a state
+        saved on one device, e.g. a CPU checkpoint, loads onto a model on another)."""
+        named = dict(self.model.named_parameters())
+        unknown = sorted(set(state["moments"]) - set(named))
+        if unknown:
+            raise ValueError(f"updater state has moments for parameters this model does not have: {unknown}")
         self.steps = int(state["steps"])
-        self.state = {n: (m.clone(), v.clone()) for n, (m, v) in state["moments"].items()}
+        self.state = {n: (m.to(named[n].device, copy=True), v.to(named[n].device, copy=True))
+                      for n, (m, v) in state["moments"].items()}
 
 
 class _CutCapture:
