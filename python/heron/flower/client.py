@@ -10,15 +10,27 @@ back. Flower keeps `context.state` per node and run (in simulation the driver st
 each ClientApp call returns; a SuperNode keeps it for the run), so client i's round t starts from
 exactly the state the engine's client i would have.
 
+A round can succeed here and still not count: its reply may be lost, arrive late or be rejected.
+The server then did not take the round's steps (in seeds mode its replica of this client did not
+replay them), so the client must not keep them either. Each round therefore saves two updater
+states, the one it started from ("base") and the one it ended with ("latest"), and every request
+carries the step count the server accepted from each client: the next round starts from "latest"
+when the server's count is its step count (the reply was used), from "base" when it is base's (the
+reply was not used: the round is undone, and logged), and from a fresh updater when the node has
+no saved state (its first round, or a restarted node; the server restarts its count and replica).
+Any other count cannot happen in a run that follows this protocol; the round then fails with the
+reason. Skipped steps do not change an updater's state or count, so a count names one state.
+
 Updater state is stored as `heron.sfl.state.pack` output: tensors in an ArrayRecord, the JSON
 skeleton (and the client id and config it belongs to) in a ConfigRecord. It is written only after
-a round succeeds, so a failed round leaves the previous state.
+a round succeeds, so a failed round leaves the previous states.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import asdict
 from typing import Any
 
@@ -29,9 +41,13 @@ from heron.flower.codec import RoundRequest, decode_request, encode_arrays, enco
 from heron.sfl.data import ClientData, load_dataset, split_clients
 from heron.sfl.engine import TrainConfig, build_client
 from heron.sfl.methods import ImageShape, build_split_model, cross_entropy
+from heron.sfl.replay import seed_scalar_upload
 from heron.sfl.state import pack, unpack
 
+log = logging.getLogger("heron.flower")
+
 STATE_META, STATE_TENSORS = "heron.client", "heron.updater"
+LATEST, BASE = "", ".base"  # record-name suffixes of the two saved updater states
 
 
 @functools.lru_cache(maxsize=4)
@@ -53,23 +69,48 @@ def _identity(config: TrainConfig) -> str:
     return json.dumps({k: v for k, v in asdict(config).items() if k != "rounds"}, sort_keys=True)
 
 
-def load_updater_state(state: RecordDict, client_id: int, config: TrainConfig) -> dict[str, Any] | None:
-    """The updater state this node saved after its last round, or None before its first round."""
-    if STATE_META not in state.keys():
+def load_updater_state(state: RecordDict, client_id: int, config: TrainConfig, *,
+                       slot: str = LATEST) -> dict[str, Any] | None:
+    """The updater state this node saved after (slot LATEST) or before (slot BASE) its last round, or
+    None before its first round."""
+    if STATE_META + slot not in state.keys():
         return None
-    meta = state[STATE_META]
+    meta = state[STATE_META + slot]
     if meta["client-id"] != client_id or meta["config"] != _identity(config):
         raise ValueError(f"this node's saved state belongs to client {meta['client-id']} of another run "
                          f"configuration; it cannot continue as client {client_id} of this one")
-    tensors = {key: torch.from_numpy(array.numpy().copy()) for key, array in state[STATE_TENSORS].items()}
+    tensors = {key: torch.from_numpy(array.numpy().copy()) for key, array in state[STATE_TENSORS + slot].items()}
     return unpack(json.loads(meta["skeleton"]), tensors)
 
 
-def save_updater_state(state: RecordDict, client_id: int, config: TrainConfig, updater_state: dict[str, Any]) -> None:
+def save_updater_state(state: RecordDict, client_id: int, config: TrainConfig, updater_state: dict[str, Any], *,
+                       slot: str = LATEST) -> None:
     tensors, skeleton = pack(updater_state)
-    state[STATE_TENSORS] = encode_arrays(tensors)
-    state[STATE_META] = ConfigRecord({"client-id": client_id, "config": _identity(config),
-                                      "skeleton": json.dumps(skeleton)})
+    state[STATE_TENSORS + slot] = encode_arrays(tensors)
+    state[STATE_META + slot] = ConfigRecord({"client-id": client_id, "config": _identity(config),
+                                             "skeleton": json.dumps(skeleton)})
+
+
+def starting_state(state: RecordDict, client_id: int, config: TrainConfig,
+                   server_steps: int) -> dict[str, Any] | None:
+    """The saved updater state whose step count is `server_steps` (the steps the server accepted from
+    this client), or None for a fresh updater when this node has none saved (see the module docstring).
+
+    Raises ValueError when the node has saved states but neither is at `server_steps`.
+    """
+    latest = load_updater_state(state, client_id, config)
+    if latest is None:
+        return None
+    if latest["steps"] == server_steps:
+        return latest
+    base = load_updater_state(state, client_id, config, slot=BASE)
+    if base is not None and base["steps"] == server_steps:
+        log.warning("client %d: the server did not use its last round (reply lost, late or rejected); undoing it: "
+                    "back from step %d to step %d", client_id, latest["steps"], server_steps)
+        return base
+    saved = [latest["steps"]] + ([] if base is None else [base["steps"]])
+    raise ValueError(f"client {client_id} cannot resynchronise with the server: the server has accepted "
+                     f"{server_steps} of its steps, this node's saved updater states are at steps {saved}")
 
 
 def run_client_round(content: RecordDict, state: RecordDict, *, client_id: int,
@@ -99,9 +140,12 @@ def run_client_round(content: RecordDict, state: RecordDict, *, client_id: int,
     model.load_state_dict(request.state)
     data = _shards(config.dataset, config.seed, config.clients, config.partition, config.alpha)[1][client_id]
     client = build_client(config, client_id, data, model, cross_entropy(), config.device)
-    saved = load_updater_state(state, client_id, config)
-    if saved is not None:
-        client.updater.load_state_dict(saved)
+    start = starting_state(state, client_id, config, request.client_steps[client_id])
+    if start is not None:
+        client.updater.load_state_dict(start)
+    base = client.updater.state_dict()
     result = client.run_round(request.round_index)
+    seeds = seed_scalar_upload(client, result) if config.client_upload == "seeds" else None
+    save_updater_state(state, client_id, config, base, slot=BASE)
     save_updater_state(state, client_id, config, client.updater.state_dict())
-    return encode_reply(result, request.round_index, client_upload=request.client_upload)
+    return encode_reply(result, request.round_index, start_step=base["steps"], seeds=seeds)
