@@ -13,7 +13,7 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from heron.flower import codec  # noqa: E402
-from heron.flower.codec import MessageRejected, ReplySpec, TensorSpec  # noqa: E402
+from heron.flower.codec import ClientSync, MessageRejected, ReplySpec, TensorSpec  # noqa: E402
 from heron.sfl.engine import TrainConfig  # noqa: E402
 from heron.sfl.replay import SeedScalarUpload  # noqa: E402
 from heron.sfl.roles import ClientRoundResult, Upload  # noqa: E402
@@ -25,7 +25,7 @@ SMASHED = TensorSpec((2, 3, 3), torch.float32)
 
 def _spec(**overrides) -> ReplySpec:
     values = dict(round_index=1, client_upload="parameters", clients=3, local_steps=4, upload_every=2, batch_size=5,
-                  max_samples=100, num_classes=10, state=STATE, smashed=SMASHED, client_steps=(4, 4, 3))
+                  max_samples=100, num_classes=10, state=STATE, smashed=SMASHED)
     return ReplySpec(**{**values, **overrides})
 
 
@@ -40,7 +40,7 @@ def _result(num_samples: int = 40, batch: int = 5) -> ClientRoundResult:
 
 
 def _reply(**kwargs) -> RecordDict:
-    return codec.encode_reply(_result(**kwargs), 1, start_step=3)
+    return codec.encode_reply(_result(**kwargs), 1, start=ClientSync(1, 3))
 
 
 def _npy(array: np.ndarray, **save) -> bytes:
@@ -60,18 +60,19 @@ def _rejected(content, spec=None) -> str:
 def test_request_round_trip():
     config = TrainConfig(clients=3, backend=None)
     state = {"w": torch.randn(4, 3), "n": torch.tensor(5)}
-    content = codec.encode_request(config, 2, state, client_steps=[20, 0, 17])
+    sync = [ClientSync(0, 20), ClientSync(0, 0), ClientSync(1, 7)]
+    content = codec.encode_request(config, 2, state, sync=sync)
     request = codec.decode_request(content, lambda cfg: codec.specs_of(state))
     assert request.config == config and request.round_index == 2 and request.client_upload == "parameters"
-    assert request.client_steps == [20, 0, 17]
+    assert request.sync == sync
     assert all(torch.equal(request.state[k], state[k]) for k in state)
 
 
 def test_reply_round_trip_is_exact():
     result = _result()
-    reply = codec.decode_reply(codec.encode_reply(result, 1, start_step=3), _spec())
+    reply = codec.decode_reply(codec.encode_reply(result, 1, start=ClientSync(1, 3)), _spec())
     got = reply.result
-    assert reply.kind == "parameters" and reply.start_step == 3 and reply.seeds is None
+    assert reply.kind == "parameters" and reply.start == ClientSync(1, 3) and reply.seeds is None
     assert (got.client_id, got.num_samples, got.skipped_steps) == (2, 40, 1)
     assert got.losses[:2] == [2.3, 2.2] and np.isnan(got.losses[2])
     assert all(torch.equal(got.state[k], result.state[k]) for k in STATE)
@@ -168,15 +169,30 @@ def test_batch_must_match_the_sample_count():
     ("protocol", 1, "heron.reply/protocol: expected [2, 2], got 1"),
     ("skipped-steps", 5, "heron.reply/skipped-steps: expected [0, 4], got 5"),
     ("client-upload", "seeds", "heron.reply/client-upload: expected one of ['parameters'], got 'seeds'"),
-    ("start-step", 4, "heron.reply/start-step: expected 3 (client 2's steps accepted so far) or 0 (a restarted "
-                      "client), got 4"),
     ("start-step", -1, "heron.reply/start-step: expected >= 0, got -1"),
+    ("generation", True, "heron.reply/generation: expected int, got bool"),
     ("losses", [1.0, 2.0], "heron.reply/losses: expected 4 floats, got a list of 2 (float)"),
 ])
 def test_bad_reply_scalars_are_rejected(key, value, expected):
     content = _reply()
     content["heron.reply"][key] = value
     assert expected in _rejected(content)
+
+
+@pytest.mark.parametrize(("start", "expected"), [
+    (ClientSync(1, 4), "got 1, 4"), (ClientSync(1, 0), "got 1, 0"), (ClientSync(0, 3), "got 0, 3"),
+    (ClientSync(3, 0), "got 3, 0"), (ClientSync(2, 1), "got 2, 1"),
+])
+def test_a_reply_must_start_where_the_server_has_the_client(start, expected):
+    """The server (SplitServer.absorb) has client 2 at step 3 of generation 1: a reply continues from there
+    or is a fresh updater of generation 2."""
+    server = ClientSync(1, 3)
+    assert codec.check_start(ClientSync(1, 3), server, 2) is False
+    assert codec.check_start(ClientSync(2, 0), server, 2) is True  # a restart
+    with pytest.raises(MessageRejected) as info:
+        codec.check_start(start, server, 2)
+    assert ("heron.reply/generation, start-step: expected 1, 3 (where the server has client 2) or 2, 0 (its "
+            "updater restarted), " + expected) in str(info.value)
 
 
 def test_extra_or_missing_reply_scalars_are_rejected():
@@ -237,10 +253,10 @@ def test_absurd_declared_shape_is_rejected_without_allocating():
 
 # -- requests ------------------------------------------------------------------------------------------
 
-def _request(config=None, round_index=0, state=None, client_steps=None) -> RecordDict:
+def _request(config=None, round_index=0, state=None) -> RecordDict:
     config = config or TrainConfig()
-    steps = client_steps if client_steps is not None else [0] * config.clients
-    return codec.encode_request(config, round_index, state or {"w": torch.zeros(4, 3)}, client_steps=steps)
+    sync = [ClientSync()] * config.clients
+    return codec.encode_request(config, round_index, state or {"w": torch.zeros(4, 3)}, sync=sync)
 
 
 def _request_rejected(content, state=None) -> str:
@@ -275,22 +291,26 @@ def test_request_kind_must_be_the_config_client_upload():
     assert "heron.round/client-upload: expected one of ['seeds'], got 'parameters'" in _request_rejected(content)
 
 
-@pytest.mark.parametrize(("steps", "expected"), [
-    ([0, 0], "heron.round/client-steps: expected a list of 3 ints, got a list of 2 (int)"),
-    ([0.0, 0.0, 1.0], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 (float)"),
-    ([True, False, True], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 (bool)"),
-    ([0, 21, 0], "heron.round/client-steps: expected values in [0, 20], got 21"),  # 2 rounds of 10 steps
-    ([0, -1, 0], "heron.round/client-steps: expected values in [0, 20], got -1"),
+@pytest.mark.parametrize(("key", "values", "expected"), [
+    ("client-steps", [0, 0], "heron.round/client-steps: expected a list of 3 ints, got a list of 2 (int)"),
+    ("client-steps", [0.0, 0.0, 1.0], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 (float)"),
+    ("client-steps", [True, False, True], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 "
+                                          "(bool)"),
+    ("client-steps", [0, 21, 0], "heron.round/client-steps: expected values in [0, 20], got 21"),  # 2 rounds of 10
+    ("client-steps", [0, -1, 0], "heron.round/client-steps: expected values in [0, 20], got -1"),
+    ("client-generations", [0, 3, 0], "heron.round/client-generations: expected values in [0, 2], got 3"),
+    ("client-generations", [0, 0, 0, 0], "heron.round/client-generations: expected a list of 3 ints, got a list "
+                                         "of 4 (int)"),
 ])
-def test_request_client_steps_are_checked(steps, expected):
+def test_request_sync_is_checked(key, values, expected):
     content = _request(TrainConfig(clients=3), round_index=2)
-    content["heron.round"]["client-steps"] = steps
+    content["heron.round"][key] = values
     assert expected in _request_rejected(content)
 
 
 def test_encoders_check_their_input():
-    with pytest.raises(ValueError, match=r"client_steps must have one entry per client \(5\), got 2"):
-        codec.encode_request(TrainConfig(), 0, {}, client_steps=[0, 0])
+    with pytest.raises(ValueError, match=r"sync must have one entry per client \(5\), got 2"):
+        codec.encode_request(TrainConfig(), 0, {}, sync=[ClientSync()] * 2)
 
 
 def test_upload_kinds_are_the_engine_client_uploads():
@@ -314,14 +334,17 @@ def _seeds_upload(start: int = 3, applied: int = 3) -> SeedScalarUpload:
                                        "1.num_batches_tracked": torch.tensor(9)})
 
 
-def _seeds_reply(start: int = 3) -> RecordDict:
+HERE = ClientSync(1, 3)  # where _spec's server has client 2
+
+
+def _seeds_reply(start: ClientSync = HERE, **upload) -> RecordDict:
     # _result has 4 local steps, one of them skipped (the NaN loss): 3 applied steps
-    return codec.encode_reply(_result(), 1, start_step=start, seeds=_seeds_upload(start))
+    return codec.encode_reply(_result(), 1, start=start, seeds=_seeds_upload(start.steps, **upload))
 
 
 def test_seeds_reply_round_trip_is_exact():
     reply = codec.decode_reply(_seeds_reply(), _seeds_spec())
-    assert reply.kind == "seeds" and reply.start_step == 3 and reply.result.state == {}
+    assert reply.kind == "seeds" and reply.start == ClientSync(1, 3) and reply.result.state == {}
     assert reply.seeds.zo_steps == _seeds_upload().zo_steps and reply.seeds.client_id == 2
     assert all(torch.equal(reply.seeds.buffers[k], v) for k, v in _seeds_upload().buffers.items())
     assert [u.smashed.shape for u in reply.result.uploads] == [(5, 2, 3, 3)] * 2
@@ -332,10 +355,10 @@ def test_seeds_reply_round_trip_is_exact():
 
 
 def test_seeds_reply_of_a_restarted_client_and_with_every_step_skipped():
-    assert codec.decode_reply(_seeds_reply(start=0), _seeds_spec()).start_step == 0
+    assert codec.decode_reply(_seeds_reply(ClientSync(2, 0)), _seeds_spec()).start == ClientSync(2, 0)
     result = _result()
     result.skipped_steps = 4
-    content = codec.encode_reply(result, 1, start_step=3, seeds=_seeds_upload(applied=0))
+    content = codec.encode_reply(result, 1, start=ClientSync(1, 3), seeds=_seeds_upload(applied=0))
     reply = codec.decode_reply(content, _seeds_spec())
     assert reply.seeds.zo_steps == [] and reply.seeds.q == 0
 
@@ -384,12 +407,12 @@ def test_seeds_step_count_must_be_the_applied_steps():
     content = _seeds_reply()
     content["heron.reply"]["skipped-steps"] = 0  # 4 applied steps claimed, 3 sent
     assert "heron.seeds/step: expected shape (4,), got (3,)" in _seeds_rejected(content)
-    content = codec.encode_reply(_result(), 1, start_step=3, seeds=_seeds_upload(applied=4))  # 1 was skipped
+    content = _seeds_reply(applied=4)  # 1 of the 4 steps was skipped
     assert "heron.seeds/step: expected shape (3,), got (4,)" in _seeds_rejected(content)
 
 
 def test_seeds_steps_must_start_at_start_step():
-    content = codec.encode_reply(_result(), 1, start_step=0, seeds=_seeds_upload(start=3))
+    content = codec.encode_reply(_result(), 1, start=ClientSync(2, 0), seeds=_seeds_upload(start=3))
     assert "heron.seeds/step: expected the 3 consecutive steps from start-step 0, got ['3', '4', '5']" in \
         _seeds_rejected(content)
 

@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from heron.flower import server_app  # noqa: E402
 from heron.flower.client import BASE, load_updater_state, run_client_round, save_updater_state  # noqa: E402
 from heron.flower.client_app import make_client_app  # noqa: E402
-from heron.flower.codec import encode_request  # noqa: E402
+from heron.flower.codec import ClientSync, encode_request  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
 from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
@@ -151,8 +152,8 @@ def test_client_state_survives_in_the_context_only():
     broadcast = engine.client_parameters()
     state = RecordDict()
     for round_index in range(2):
-        steps = [CONFIG.local_steps * round_index] * 3  # the server accepted every earlier round
-        reply = run_client_round(encode_request(CONFIG, round_index, broadcast, client_steps=steps), state,
+        sync = [ClientSync(0, CONFIG.local_steps * round_index)] * 3  # the server accepted every earlier round
+        reply = run_client_round(encode_request(CONFIG, round_index, broadcast, sync=sync), state,
                                  client_id=1, num_partitions=3)
         engine.clients[1].set_state(broadcast)
         want = engine.clients[1].run_round(round_index)
@@ -172,7 +173,7 @@ def test_saved_state_belongs_to_one_client_and_run():
 
 
 def test_node_outside_the_run_is_refused():
-    content = encode_request(CONFIG, 0, Experiment(CONFIG).client_parameters(), client_steps=[0, 0, 0])
+    content = encode_request(CONFIG, 0, Experiment(CONFIG).client_parameters(), sync=[ClientSync()] * 3)
     with pytest.raises(ValueError, match="this node is partition 3, but the run has 3 clients"):
         run_client_round(content, RecordDict(), client_id=3)
     with pytest.raises(ValueError, match="num-partitions=5, but the run has 3 clients"):
@@ -186,18 +187,20 @@ def test_missing_nodes_do_not_stop_the_run(caplog):
     assert "round 1: only 2 of 3 nodes connected; running with them" in caplog.text
 
 
+class RestartingGrid(InProcessGrid):
+    """Node 102 goes away after round 1; node 200 comes back as partition 2 with an empty context (a
+    restarted SuperNode)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if 102 in self.contexts:
+            context = self.contexts.pop(102)
+            self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
+                                         node_config=context.node_config)
+        return replies
+
+
 def test_a_restarted_node_takes_over_its_client():
-    """Node 102 goes away after round 1; node 200 comes back as partition 2 (a restarted SuperNode)."""
-
-    class RestartingGrid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            if 102 in self.contexts:
-                context = self.contexts.pop(102)
-                self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
-                                             node_config=context.node_config)
-            return replies
-
     run = run_rounds(RestartingGrid(make_client_app(), 3), CONFIG, FlowerSettings())
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
 
@@ -296,7 +299,7 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
     assert entry.node_id == 101 and reason in entry.reason
     assert "client 1: the server did not use its last round (reply lost, late or rejected); undoing it: back " \
            "from step 2 to step 0" in caplog.text
-    assert server.client_steps == [4, 2, 4]
+    assert server.sync == [ClientSync(0, 4), ClientSync(0, 2), ClientSync(0, 4)]
     for client_id in range(3):
         saved = load_updater_state(grid.contexts[100 + client_id].state, client_id, SEEDS)
         assert _updater_states_equal(saved, server.replicas[client_id].state_dict())
@@ -309,28 +312,50 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
         assert _record(got, bytes_up=0) == _record(want, bytes_up=0) and got.bytes_up < want.bytes_up
 
 
+def test_a_reply_that_did_not_start_where_the_server_has_its_client_is_left_out(servers):
+    def jump_ahead(node, reply):  # consistently: start-step and the step numbers (which the codec checks)
+        if node == 101 and not reply.has_error() and reply.content["heron.reply"]["round"] == 1:
+            reply.content["heron.reply"]["start-step"] = 5
+            reply.content["heron.seeds"]["step"] = Array.from_numpy_ndarray(np.array([5, 6]))
+        return reply
+
+    run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=jump_ahead), SEEDS, FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 2]]
+    (entry,) = run.outcomes[1].left_out
+    assert entry.reason == ("reply rejected: heron.reply/generation, start-step: expected 0, 2 (where the server has "
+                            "client 1) or 1, 0 (its updater restarted), got 0, 5")
+    assert server.sync[1] == ClientSync(0, 2) and server.replicas[1].updater.steps == 2  # untouched
+
+
 def test_a_restarted_node_restarts_its_replica(servers, caplog):
-    """Node 102 goes away after round 1; node 200 comes back as partition 2 with no saved state: its
-    updater starts afresh (start-step 0), and so does client 2's replica on the server."""
-
-    class RestartingGrid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            if 102 in self.contexts:
-                context = self.contexts.pop(102)
-                self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
-                                             node_config=context.node_config)
-            return replies
-
+    """Node 200, client 2's restarted node, has no saved state: its updater starts afresh as generation 1,
+    and so does client 2's replica on the server."""
     grid = RestartingGrid(make_client_app(), 3)
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, SEEDS, FlowerSettings())
     (server,) = servers
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
-    assert "client 2 restarted its updater (start-step 0; the server had accepted 2 steps)" in caplog.text
-    assert server.client_steps == [4, 4, 2]
+    assert "client 2: no saved updater state where the server has it (step 2 of generation 0); starting afresh " \
+           "as generation 1" in caplog.text
+    assert "client 2 restarted its updater afresh (generation 1; the server had it at step 2 of generation 0)" in \
+        caplog.text
+    assert server.sync == [ClientSync(0, 4), ClientSync(0, 4), ClientSync(1, 2)]
     saved = load_updater_state(grid.contexts[200].state, 2, SEEDS)
     assert saved["steps"] == 2 and _updater_states_equal(saved, server.replicas[2].state_dict())
+
+
+def test_a_restart_the_server_did_not_take_up_is_not_mistaken_for_its_state(servers):
+    """Node 200's first reply (a fresh updater, generation 1) is rejected: the server keeps client 2 at
+    step 2 of generation 0, while node 200's saved state is at step 2 too, of another updater. The
+    generation tells them apart: node 200 starts afresh again, and the server restarts the replica."""
+    grid = RestartingGrid(make_client_app(), 3, tamper=_drop_first_reply_of(200, "malformed"))
+    run = run_rounds(grid, TrainConfig(**{**SEEDS.__dict__, "rounds": 3}), FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    assert server.sync == [ClientSync(0, 6), ClientSync(0, 6), ClientSync(1, 2)]
+    saved = load_updater_state(grid.contexts[200].state, 2, SEEDS)
+    assert _updater_states_equal(saved, server.replicas[2].state_dict())
 
 
 def test_a_client_out_of_step_with_the_server_refuses_the_round():
@@ -338,9 +363,11 @@ def test_a_client_out_of_step_with_the_server_refuses_the_round():
     steps 2 and 0) fail the round on the client with the reason."""
     broadcast = Experiment(SEEDS).client_parameters()
     state = RecordDict()
-    run_client_round(encode_request(SEEDS, 0, broadcast, client_steps=[0, 0, 0]), state, client_id=1)
+    run_client_round(encode_request(SEEDS, 0, broadcast, sync=[ClientSync()] * 3), state, client_id=1)
     assert load_updater_state(state, 1, SEEDS)["steps"] == 2
     assert load_updater_state(state, 1, SEEDS, slot=BASE)["steps"] == 0
-    with pytest.raises(ValueError, match=r"client 1 cannot resynchronise with the server: the server has accepted "
-                                         r"1 of its steps, this node's saved updater states are at steps \[2, 0\]"):
-        run_client_round(encode_request(SEEDS, 1, broadcast, client_steps=[2, 1, 2]), state, client_id=1)
+    sync = [ClientSync(0, 2), ClientSync(0, 1), ClientSync(0, 2)]
+    with pytest.raises(ValueError, match=r"client 1 cannot resynchronise with the server: the server has it at step "
+                                         r"1 of generation 0, this node's saved updater states of that generation "
+                                         r"are at steps \[2, 0\]"):
+        run_client_round(encode_request(SEEDS, 1, broadcast, sync=sync), state, client_id=1)

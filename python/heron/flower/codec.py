@@ -6,14 +6,14 @@ ArrayRecords as .npy payloads (read back with `allow_pickle=False`); scalars in 
 Request (server -> client), records of its RecordDict:
     "heron.config"  ConfigRecord  the run's TrainConfig (heron.flower.config)
     "heron.round"   ConfigRecord  protocol, round (0-based), client-upload (the reply kind asked for:
-                                  the config's client_upload), client-steps (per client id, the updater
-                                  step count of the rounds the server has accepted from that client)
+                                  the config's client_upload), client-generations and client-steps (per
+                                  client id, where the server has that client's updater: ClientSync)
     "heron.model"   ArrayRecord   the global client model: client part + aux head state_dict
 
 Reply (client -> server), kind "parameters" or "seeds" (TrainConfig.client_upload):
     "heron.reply"   ConfigRecord  protocol, round, client-id, num-samples, client-upload,
-                                  skipped-steps, losses (one float per local step), start-step (the
-                                  updater step count the client started the round from)
+                                  skipped-steps, losses (one float per local step), generation and
+                                  start-step (the ClientSync the client started the round from)
     "heron.upload"  ArrayRecord   "smashed/<i>" (B, *cut shape) float, "labels/<i>" (B,) int64 for
                                   the i-th upload, i < local_steps // upload_every; B = min(batch, n)
   kind "parameters" adds
@@ -29,8 +29,10 @@ expected vs received value: the set of records, every ConfigRecord key (exact se
 types, ranges), every ArrayRecord key (exact set), each array's declared dtype and shape, its
 payload size (bounded before it is parsed), the parsed array's dtype and shape, finiteness of
 floating arrays, label range, and for seeds the step numbers, the client id and the seeds' range.
-What only the server's replica can check (each step's seeds are the ones the client's updater
-derives) is checked when the server replays the upload (heron.flower.server.SplitServer.absorb).
+What depends on the server's state of the sending client is checked once the node is known to
+speak for that client (heron.flower.server.SplitServer.absorb): where the reply started
+(`check_start`) and, for seeds, each step's seeds against the ones the client's updater derives
+(by its replica, before it replays anything).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from heron.sfl.engine import TrainConfig
 from heron.sfl.replay import BUFFER_PREFIX, SeedScalarUpload
 from heron.sfl.roles import ClientRoundResult, Upload
 
-PROTOCOL = 2  # 2: client-steps / start-step, and the reply kinds named as TrainConfig.client_upload
+PROTOCOL = 2  # 2: ClientSync in requests and replies, and the reply kinds named as TrainConfig.client_upload
 MESSAGE_TYPE = "train"
 
 CONFIG, ROUND, MODEL, REPLY, UPLOAD = "heron.config", "heron.round", "heron.model", "heron.reply", "heron.upload"
@@ -188,36 +190,69 @@ def _check_records(content: Any, expected: set[str], what: str) -> None:
         raise MessageRejected(f"{what}: missing records {_some(missing)}, unexpected records {_some(extra)}")
 
 
+# -- where a client's updater is ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientSync:
+    """A point on a client's updater trajectory: its generation (0 at the start of a run, one more
+    each time the client's updater starts afresh after the server accepted steps from it, e.g. on a
+    restarted SuperNode) and its step count within that generation.
+
+    The server keeps one per client (where its accepted rounds left the client) and sends them with
+    every request; a client tags its saved updater states with theirs and replies with the one it
+    started from. Within a generation the step count names one state (skipped steps change neither).
+    """
+
+    generation: int = 0
+    steps: int = 0
+
+    def starts(self) -> tuple[ClientSync, ClientSync]:
+        """The starts a reply may have when the server has the client here: continuing from here, or a
+        fresh updater of the next generation."""
+        return self, ClientSync(self.generation + 1, 0)
+
+
+def check_start(start: ClientSync, server: ClientSync, client_id: int) -> bool:
+    """Whether a reply that started at `start` may be accepted when the server has the client at
+    `server`: False when it continues from there, True when it is a fresh updater of the next
+    generation (a restart). Raises MessageRejected otherwise."""
+    here, fresh = server.starts()
+    if start not in (here, fresh):
+        raise MessageRejected(f"{REPLY}/generation, start-step: expected {here.generation}, {here.steps} (where the "
+                              f"server has client {client_id}) or {fresh.generation}, 0 (its updater restarted), got "
+                              f"{start.generation}, {start.steps}")
+    return start == fresh
+
+
 # -- request (server -> client) --------------------------------------------------------------------
 
-_REQUEST_KEYS = {"protocol", "round", "client-upload", "client-steps"}
+_REQUEST_KEYS = {"protocol", "round", "client-upload", "client-generations", "client-steps"}
 
 
 @dataclass
 class RoundRequest:
-    """A decoded request: the run's config, the round index, the reply kind asked for, the server's
-    step count per client (what each client's updater state must be at when it starts the round) and
-    the global client model's state (CPU tensors)."""
+    """A decoded request: the run's config, the round index, the reply kind asked for, where the
+    server has each client (the updater state a client must start the round from) and the global
+    client model's state (CPU tensors)."""
 
     config: TrainConfig
     round_index: int
     client_upload: str
-    client_steps: list[int]
+    sync: list[ClientSync]
     state: dict[str, torch.Tensor]
 
 
 def encode_request(config: TrainConfig, round_index: int, state: Mapping[str, torch.Tensor], *,
-                   client_steps: Sequence[int]) -> RecordDict:
-    """The content of round `round_index`'s message to every node.
-
-    client_steps: per client id, the updater step count of the rounds the server accepted from it.
-    """
-    if len(client_steps) != config.clients:
-        raise ValueError(f"client_steps must have one entry per client ({config.clients}), got {len(client_steps)}")
+                   sync: Sequence[ClientSync]) -> RecordDict:
+    """The content of round `round_index`'s message to every node. sync: per client id, where the
+    server's accepted rounds left that client."""
+    if len(sync) != config.clients:
+        raise ValueError(f"sync must have one entry per client ({config.clients}), got {len(sync)}")
     return RecordDict({
         CONFIG: ConfigRecord(train_config_to_record(config)),
         ROUND: ConfigRecord({"protocol": PROTOCOL, "round": round_index, "client-upload": config.client_upload,
-                             "client-steps": [int(steps) for steps in client_steps]}),
+                             "client-generations": [int(s.generation) for s in sync],
+                             "client-steps": [int(s.steps) for s in sync]}),
         MODEL: encode_arrays(state),
     })
 
@@ -235,10 +270,12 @@ def decode_request(content: Any, state_specs: Callable[[TrainConfig], Mapping[st
     _int(header, "protocol", ROUND, PROTOCOL, PROTOCOL)
     round_index = _int(header, "round", ROUND, 0)
     kind = _str(header, "client-upload", ROUND, (config.client_upload,))
-    # a client cannot have applied more steps than the rounds before this one hold
+    # each earlier round can restart a client once and add at most local_steps to its count
+    generations = _int_list(header, "client-generations", ROUND, config.clients, 0, round_index)
     steps = _int_list(header, "client-steps", ROUND, config.clients, 0, round_index * config.local_steps)
     state = decode_arrays(content[MODEL], state_specs(config), MODEL)
-    return RoundRequest(config, round_index, kind, steps, state)
+    sync = [ClientSync(g, n) for g, n in zip(generations, steps, strict=True)]
+    return RoundRequest(config, round_index, kind, sync, state)
 
 
 # -- reply (client -> server) ----------------------------------------------------------------------
@@ -249,9 +286,8 @@ class ReplySpec:
 
     state: the global client model's specs; smashed: one sample's cut-layer output, shape (C', H', W')
     and dtype; max_samples: the largest honest sample count (the training set's size);
-    client_steps: per client id, the step count the server has for it (a reply's start-step must be
-    this, or 0 for a client whose updater restarted); q: directions per ZO step; buffers: the state
-    entries a seed-and-scalar upload carries (kind "seeds"), by state_dict key.
+    q: directions per ZO step; buffers: the state entries a seed-and-scalar upload carries (kind
+    "seeds"), by state_dict key.
     """
 
     round_index: int
@@ -264,7 +300,6 @@ class ReplySpec:
     num_classes: int
     state: Mapping[str, TensorSpec]
     smashed: TensorSpec
-    client_steps: tuple[int, ...]
     q: int = 1
     buffers: Mapping[str, TensorSpec] = field(default_factory=dict)
     labels_dtype: torch.dtype = torch.int64
@@ -279,29 +314,31 @@ class ClientReply:
     """A decoded, checked reply.
 
     kind "parameters": `result` carries state, uploads, losses and counts. Kind "seeds": `result`
-    carries all but the state (empty until the server rebuilds it from `seeds`). start_step: the
-    updater step count the client started the round from.
+    carries all but the state (empty until the server rebuilds it from `seeds`). start: where the
+    client's updater started the round.
     """
 
     kind: str
     result: ClientRoundResult
-    start_step: int
+    start: ClientSync
     seeds: SeedScalarUpload | None = None
 
 
 _REPLY_KEYS = {"protocol", "round", "client-id", "num-samples", "client-upload", "skipped-steps", "losses",
-               "start-step"}
+               "generation", "start-step"}
 
 
-def encode_reply(result: ClientRoundResult, round_index: int, *, start_step: int,
+def encode_reply(result: ClientRoundResult, round_index: int, *, start: ClientSync,
                  seeds: SeedScalarUpload | None = None) -> RecordDict:
-    """The content of a client's reply to round `round_index`: kind "seeds" when `seeds` is given (the
-    upload of `result`, heron.sfl.replay.seed_scalar_upload), else kind "parameters"."""
+    """The content of a client's reply to round `round_index`, which its updater started at `start`:
+    kind "seeds" when `seeds` is given (the upload of `result`, heron.sfl.replay.seed_scalar_upload),
+    else kind "parameters"."""
     kind = "parameters" if seeds is None else "seeds"
     content = RecordDict({REPLY: ConfigRecord({
         "protocol": PROTOCOL, "round": round_index, "client-id": result.client_id,
         "num-samples": result.num_samples, "client-upload": kind, "skipped-steps": result.skipped_steps,
-        "losses": [float(loss) for loss in result.losses], "start-step": start_step})})
+        "losses": [float(loss) for loss in result.losses], "generation": start.generation,
+        "start-step": start.steps})})
     content[UPLOAD] = _encode_uploads(result)
     if seeds is None:
         content[MODEL] = encode_arrays(result.state)
@@ -325,10 +362,7 @@ def decode_reply(content: Any, spec: ReplySpec) -> ClientReply:
     client_id = _int(header, "client-id", REPLY, 0, spec.clients - 1)
     num_samples = _int(header, "num-samples", REPLY, 1, spec.max_samples)
     skipped = _int(header, "skipped-steps", REPLY, 0, spec.local_steps)
-    start = _int(header, "start-step", REPLY, 0)
-    if start not in (0, spec.client_steps[client_id]):
-        raise MessageRejected(f"{REPLY}/start-step: expected {spec.client_steps[client_id]} (client {client_id}'s "
-                              f"steps accepted so far) or 0 (a restarted client), got {start}")
+    start = ClientSync(_int(header, "generation", REPLY, 0), _int(header, "start-step", REPLY, 0))
     losses = header["losses"]
     if (not isinstance(losses, list) or len(losses) != spec.local_steps
             or not all(type(loss) is float for loss in losses)):
@@ -378,7 +412,7 @@ def seeds_specs(spec: ReplySpec, applied_steps: int) -> dict[str, TensorSpec]:
 
 
 def _decode_seeds(content: RecordDict, spec: ReplySpec, reply: ClientReply) -> None:
-    result, start = reply.result, reply.start_step
+    result, start = reply.result, reply.start.steps
     n = spec.local_steps - result.skipped_steps
     # shapes, dtypes, exact keys (buffers included), payload sizes; no NaN/inf in scalars or buffers
     tensors = decode_arrays(content[SEEDS], seeds_specs(spec, n), SEEDS)

@@ -10,11 +10,11 @@ clients' results: each accepted reply is absorbed (in seeds mode: the client's r
 upload from the round's broadcast state), then in client-id order the main server trains on each
 client's uploads and the fed server averages the client models.
 
-Step counts keep clients and server in step: the server counts, per client, the updater steps of
-the rounds it accepted (in seeds mode, the steps its replica replayed) and sends the counts with
-every request; a client starts each round from its updater state at that count, so a round whose
-reply the server did not use (lost, late or rejected) leaves no trace on the client either
-(heron.flower.client).
+Clients and server stay in step: the server keeps, per client, where the rounds it accepted left
+the client's updater (`codec.ClientSync`: generation and step count; in seeds mode, where its
+replica is) and sends that with every request; a client starts each round from its updater state
+there, so a round whose reply the server did not use (lost, late or rejected) leaves no trace on
+the client either (heron.flower.client).
 """
 
 from __future__ import annotations
@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from heron.flower.codec import SEEDS, ClientReply, MessageRejected, ReplySpec, TensorSpec, specs_of
+from heron.flower.codec import (
+    SEEDS,
+    ClientReply,
+    ClientSync,
+    MessageRejected,
+    ReplySpec,
+    TensorSpec,
+    check_start,
+    specs_of,
+)
 from heron.flower.config import check_flower_method
 from heron.sfl.engine import Experiment, MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import ClientRoundResult, state_bytes
@@ -75,8 +84,8 @@ class SplitServer:
         self.smashed_spec = self._smashed_spec()
         self.outcomes: list[RoundOutcome] = []
         self.profile = None
-        # per client id: the updater step count of the rounds this server accepted from it
-        self.client_steps = [0] * self.config.clients
+        # per client id: where the rounds this server accepted left the client's updater
+        self.sync = [ClientSync() for _ in range(self.config.clients)]
         # seeds mode: the engine's replicas, and their initial states for clients whose updater restarts
         self.replicas = self.experiment.replicas
         self._initial_replicas = None if self.replicas is None else [r.state_dict() for r in self.replicas]
@@ -106,39 +115,36 @@ class SplitServer:
         return ReplySpec(round_index=round_index, client_upload=cfg.client_upload, clients=cfg.clients,
                          local_steps=cfg.local_steps, upload_every=cfg.upload_every, batch_size=cfg.batch_size,
                          max_samples=len(data.y_train), num_classes=data.num_classes, state=self.state_spec,
-                         smashed=self.smashed_spec, client_steps=tuple(self.client_steps), q=cfg.q, buffers=buffers)
+                         smashed=self.smashed_spec, q=cfg.q, buffers=buffers)
 
     def absorb(self, reply: ClientReply, broadcast: dict[str, torch.Tensor]) -> Accepted:
         """Accept a decoded reply to the round that broadcast `broadcast`: in seeds mode the client's
-        replica replays the upload into the client's state; the client's step count advances.
+        replica replays the upload into the client's state; the client's ClientSync advances.
 
-        Raises MessageRejected, leaving the replica and the step count untouched, when the reply's
-        start-step is neither the client's count nor 0 or (seeds) the replica cannot replay it. A reply
-        starting at step 0 from a client the server counted steps for is a client whose updater
-        restarted (e.g. a restarted SuperNode): logged, and its replica restarts from the initial state.
+        Raises MessageRejected, leaving the replica and the ClientSync untouched, when the reply did not
+        start where the server has the client (or at step 0 of the next generation) or (seeds) the
+        replica cannot replay it. A reply starting a new generation is a client whose updater restarted
+        afresh (e.g. a restarted SuperNode): logged, and its replica restarts from the initial state.
         """
-        result, start = reply.result, reply.start_step
+        result, start = reply.result, reply.start
         client_id = result.client_id
-        counted = self.client_steps[client_id]
-        if start not in (0, counted):
-            raise MessageRejected(f"start-step {start}: client {client_id} has {counted} steps accepted so far")
-        restarted = start != counted
+        if reply.kind != self.config.client_upload:
+            raise ValueError(f"a {reply.kind!r} reply in a run with client_upload={self.config.client_upload!r}")
+        here = self.sync[client_id]
+        restarted = check_start(start, here, client_id)
         if restarted:
-            log.warning("client %d restarted its updater (start-step 0; the server had accepted %d steps); its "
-                        "updater state starts afresh", client_id, counted)
-        if reply.kind == "parameters":
-            accepted = Accepted(result, state_bytes(result.state))
-        elif reply.kind == "seeds":
+            log.warning("client %d restarted its updater afresh (generation %d; the server had it at step %d of "
+                        "generation %d)", client_id, start.generation, here.steps, here.generation)
+        if reply.kind == "seeds":
             accepted = Accepted(self._rebuild(reply, broadcast, restarted), reply.seeds.nbytes)
         else:
-            raise ValueError(f"reply kind {reply.kind!r} is not handled by this server")
-        self.client_steps[client_id] = start + self.config.local_steps - result.skipped_steps
+            accepted = Accepted(result, state_bytes(result.state))
+        applied = self.config.local_steps - result.skipped_steps
+        self.sync[client_id] = ClientSync(start.generation, start.steps + applied)
         return accepted
 
     def _rebuild(self, reply: ClientReply, broadcast: dict[str, torch.Tensor], restarted: bool) -> ClientRoundResult:
         result = reply.result
-        if reply.kind != self.config.client_upload or self.replicas is None or reply.seeds is None:
-            raise ValueError(f"a seeds reply in a run with client_upload={self.config.client_upload!r}")
         replica = self.replicas[result.client_id]
         previous = replica.state_dict() if restarted else None
         if restarted:

@@ -1,7 +1,7 @@
 """heron's Flower ServerApp: `heron.flower.server_app:app`.
 
-Each round the ServerApp sends every connected node the run's TrainConfig, the round index, the
-step count it has accepted from each client and the global client model (heron.flower.codec),
+Each round the ServerApp sends every connected node the run's TrainConfig, the round index, where
+it has each client's updater (codec.ClientSync) and the global client model (heron.flower.codec),
 waits for the replies (at most `round_timeout` seconds when set), checks each one, absorbs the
 valid ones (`SplitServer.absorb`: in seeds mode the client's replica replays its upload) and hands
 them to `SplitServer.finish_round`, which trains the server part on them in client-id order and
@@ -103,7 +103,7 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
         nodes = _connected_nodes(grid, config.clients, settings.node_wait, round_index)
         started = time.perf_counter()
         state = server.broadcast()
-        content = encode_request(config, round_index, state, client_steps=server.client_steps)
+        content = encode_request(config, round_index, state, sync=server.sync)
         # With a timeout, the messages expire with it: a node must not train a round the server gave up on.
         messages = [Message(content, node, MESSAGE_TYPE, group_id=str(round_index + 1), ttl=timeout)
                     for node in nodes]
