@@ -13,8 +13,9 @@ pytest.importorskip("flwr")
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from heron.flower import codec  # noqa: E402
-from heron.flower.codec import MessageRejected, ReplySpec, TensorSpec  # noqa: E402
+from heron.flower.codec import ClientSync, MessageRejected, ReplySpec, TensorSpec  # noqa: E402
 from heron.sfl.engine import TrainConfig  # noqa: E402
+from heron.sfl.replay import SeedScalarUpload  # noqa: E402
 from heron.sfl.roles import ClientRoundResult, Upload  # noqa: E402
 
 STATE = {"0.weight": TensorSpec((4, 3), torch.float32), "0.bias": TensorSpec((4,), torch.float32),
@@ -23,7 +24,7 @@ SMASHED = TensorSpec((2, 3, 3), torch.float32)
 
 
 def _spec(**overrides) -> ReplySpec:
-    values = dict(round_index=1, client_upload="smashed", clients=3, local_steps=4, upload_every=2, batch_size=5,
+    values = dict(round_index=1, client_upload="parameters", clients=3, local_steps=4, upload_every=2, batch_size=5,
                   max_samples=100, num_classes=10, state=STATE, smashed=SMASHED)
     return ReplySpec(**{**values, **overrides})
 
@@ -39,7 +40,7 @@ def _result(num_samples: int = 40, batch: int = 5) -> ClientRoundResult:
 
 
 def _reply(**kwargs) -> RecordDict:
-    return codec.encode_reply(_result(**kwargs), 1)
+    return codec.encode_reply(_result(**kwargs), 1, start=ClientSync(1, 3))
 
 
 def _npy(array: np.ndarray, **save) -> bytes:
@@ -59,17 +60,19 @@ def _rejected(content, spec=None) -> str:
 def test_request_round_trip():
     config = TrainConfig(clients=3, backend=None)
     state = {"w": torch.randn(4, 3), "n": torch.tensor(5)}
-    content = codec.encode_request(config, 2, state)
+    sync = [ClientSync(0, 20), ClientSync(0, 0), ClientSync(1, 7)]
+    content = codec.encode_request(config, 2, state, sync=sync)
     request = codec.decode_request(content, lambda cfg: codec.specs_of(state))
-    assert request.config == config and request.round_index == 2 and request.client_upload == "smashed"
+    assert request.config == config and request.round_index == 2 and request.client_upload == "parameters"
+    assert request.sync == sync
     assert all(torch.equal(request.state[k], state[k]) for k in state)
 
 
 def test_reply_round_trip_is_exact():
     result = _result()
-    reply = codec.decode_reply(codec.encode_reply(result, 1), _spec())
+    reply = codec.decode_reply(codec.encode_reply(result, 1, start=ClientSync(1, 3)), _spec())
     got = reply.result
-    assert reply.kind == "smashed"
+    assert reply.kind == "parameters" and reply.start == ClientSync(1, 3) and reply.seeds is None
     assert (got.client_id, got.num_samples, got.skipped_steps) == (2, 40, 1)
     assert got.losses[:2] == [2.3, 2.2] and np.isnan(got.losses[2])
     assert all(torch.equal(got.state[k], result.state[k]) for k in STATE)
@@ -163,15 +166,33 @@ def test_batch_must_match_the_sample_count():
     ("client-id", 3, "heron.reply/client-id: expected [0, 2], got 3"),
     ("client-id", True, "heron.reply/client-id: expected int, got bool"),
     ("round", 0, "heron.reply/round: expected [1, 1], got 0"),
-    ("protocol", 2, "heron.reply/protocol: expected [1, 1], got 2"),
+    ("protocol", 1, "heron.reply/protocol: expected [2, 2], got 1"),
     ("skipped-steps", 5, "heron.reply/skipped-steps: expected [0, 4], got 5"),
-    ("client-upload", "seeds", "heron.reply/client-upload: expected one of ['smashed'], got 'seeds'"),
+    ("client-upload", "seeds", "heron.reply/client-upload: expected one of ['parameters'], got 'seeds'"),
+    ("start-step", -1, "heron.reply/start-step: expected >= 0, got -1"),
+    ("generation", True, "heron.reply/generation: expected int, got bool"),
     ("losses", [1.0, 2.0], "heron.reply/losses: expected 4 floats, got a list of 2 (float)"),
 ])
 def test_bad_reply_scalars_are_rejected(key, value, expected):
     content = _reply()
     content["heron.reply"][key] = value
     assert expected in _rejected(content)
+
+
+@pytest.mark.parametrize(("start", "expected"), [
+    (ClientSync(1, 4), "got 1, 4"), (ClientSync(1, 0), "got 1, 0"), (ClientSync(0, 3), "got 0, 3"),
+    (ClientSync(3, 0), "got 3, 0"), (ClientSync(2, 1), "got 2, 1"),
+])
+def test_a_reply_must_start_where_the_server_has_the_client(start, expected):
+    """The server (SplitServer.absorb) has client 2 at step 3 of generation 1: a reply continues from there
+    or is a fresh updater of generation 2."""
+    server = ClientSync(1, 3)
+    assert codec.check_start(ClientSync(1, 3), server, 2) is False
+    assert codec.check_start(ClientSync(2, 0), server, 2) is True  # a restart
+    with pytest.raises(MessageRejected) as info:
+        codec.check_start(start, server, 2)
+    assert ("heron.reply/generation, start-step: expected 1, 3 (where the server has client 2) or 2, 0 (its "
+            "updater restarted), " + expected) in str(info.value)
 
 
 def test_extra_or_missing_reply_scalars_are_rejected():
@@ -232,6 +253,12 @@ def test_absurd_declared_shape_is_rejected_without_allocating():
 
 # -- requests ------------------------------------------------------------------------------------------
 
+def _request(config=None, round_index=0, state=None) -> RecordDict:
+    config = config or TrainConfig()
+    sync = [ClientSync()] * config.clients
+    return codec.encode_request(config, round_index, state or {"w": torch.zeros(4, 3)}, sync=sync)
+
+
 def _request_rejected(content, state=None) -> str:
     specs = codec.specs_of(state or {"w": torch.zeros(4, 3)})
     with pytest.raises(MessageRejected) as info:
@@ -240,27 +267,166 @@ def _request_rejected(content, state=None) -> str:
 
 
 def test_request_for_an_unsupported_method_is_rejected():
-    content = codec.encode_request(TrainConfig(), 0, {"w": torch.zeros(4, 3)})
+    content = _request()
     content["heron.config"]["method"] = "sflv2"
     assert "heron.config: method 'sflv2' is not supported by the Flower app" in _request_rejected(content)
 
 
 def test_request_with_bad_config_or_model_is_rejected():
-    content = codec.encode_request(TrainConfig(), 0, {"w": torch.zeros(4, 3)})
+    content = _request()
     content["heron.config"]["clients"] = "5"
     assert "config key 'clients' must be int, got str '5'" in _request_rejected(content)
-    content = codec.encode_request(TrainConfig(), 0, {"w": torch.zeros(3, 4)})
+    content = _request(state={"w": torch.zeros(3, 4)})
     assert "heron.model/w: expected shape (4, 3), got (3, 4)" in _request_rejected(content)
-    content = codec.encode_request(TrainConfig(), 0, {"w": torch.zeros(4, 3)})
+    content = _request()
     content["heron.round"]["round"] = -1
     assert "heron.round/round: expected >= 0, got -1" in _request_rejected(content)
 
 
-def test_encoders_refuse_unknown_upload_kinds():
-    with pytest.raises(ValueError, match="client_upload must be one of"):
-        codec.encode_request(TrainConfig(), 0, {}, client_upload="seeds")
-    with pytest.raises(ValueError, match="client_upload must be one of"):
-        codec.encode_reply(_result(), 0, client_upload="seeds")
+def test_request_kind_must_be_the_config_client_upload():
+    content = _request(TrainConfig(client_upload="seeds"))
+    request = codec.decode_request(content, lambda cfg: codec.specs_of({"w": torch.zeros(4, 3)}))
+    assert request.client_upload == "seeds" and request.config.client_upload == "seeds"
+    content["heron.round"]["client-upload"] = "parameters"
+    assert "heron.round/client-upload: expected one of ['seeds'], got 'parameters'" in _request_rejected(content)
+
+
+@pytest.mark.parametrize(("key", "values", "expected"), [
+    ("client-steps", [0, 0], "heron.round/client-steps: expected a list of 3 ints, got a list of 2 (int)"),
+    ("client-steps", [0.0, 0.0, 1.0], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 (float)"),
+    ("client-steps", [True, False, True], "heron.round/client-steps: expected a list of 3 ints, got a list of 3 "
+                                          "(bool)"),
+    ("client-steps", [0, 21, 0], "heron.round/client-steps: expected values in [0, 20], got 21"),  # 2 rounds of 10
+    ("client-steps", [0, -1, 0], "heron.round/client-steps: expected values in [0, 20], got -1"),
+    ("client-generations", [0, 3, 0], "heron.round/client-generations: expected values in [0, 2], got 3"),
+    ("client-generations", [0, 0, 0, 0], "heron.round/client-generations: expected a list of 3 ints, got a list "
+                                         "of 4 (int)"),
+])
+def test_request_sync_is_checked(key, values, expected):
+    content = _request(TrainConfig(clients=3), round_index=2)
+    content["heron.round"][key] = values
+    assert expected in _request_rejected(content)
+
+
+def test_encoders_check_their_input():
+    with pytest.raises(ValueError, match=r"sync must have one entry per client \(5\), got 2"):
+        codec.encode_request(TrainConfig(), 0, {}, sync=[ClientSync()] * 2)
+
+
+def test_upload_kinds_are_the_engine_client_uploads():
+    from heron.sfl.replay import CLIENT_UPLOADS
+
+    assert codec.UPLOAD_KINDS == CLIENT_UPLOADS
+
+
+# -- seed-and-scalar replies ---------------------------------------------------------------------------
+
+BUFFERS = {"1.running_mean": TensorSpec((2,), torch.float32), "1.num_batches_tracked": TensorSpec((), torch.int64)}
+
+
+def _seeds_spec(**overrides) -> ReplySpec:
+    return _spec(client_upload="seeds", q=2, buffers=BUFFERS, **overrides)
+
+
+def _seeds_upload(start: int = 3, applied: int = 3) -> SeedScalarUpload:
+    steps = [(start + i, [11 * (start + i), 11 * (start + i) + 1], [0.5 * i, -0.25]) for i in range(applied)]
+    return SeedScalarUpload(2, steps, {"1.running_mean": torch.tensor([0.1, -0.2]),
+                                       "1.num_batches_tracked": torch.tensor(9)})
+
+
+HERE = ClientSync(1, 3)  # where _spec's server has client 2
+
+
+def _seeds_reply(start: ClientSync = HERE, **upload) -> RecordDict:
+    # _result has 4 local steps, one of them skipped (the NaN loss): 3 applied steps
+    return codec.encode_reply(_result(), 1, start=start, seeds=_seeds_upload(start.steps, **upload))
+
+
+def test_seeds_reply_round_trip_is_exact():
+    reply = codec.decode_reply(_seeds_reply(), _seeds_spec())
+    assert reply.kind == "seeds" and reply.start == ClientSync(1, 3) and reply.result.state == {}
+    assert reply.seeds.zo_steps == _seeds_upload().zo_steps and reply.seeds.client_id == 2
+    assert all(torch.equal(reply.seeds.buffers[k], v) for k, v in _seeds_upload().buffers.items())
+    assert [u.smashed.shape for u in reply.result.uploads] == [(5, 2, 3, 3)] * 2
+    content = _seeds_reply()
+    assert set(content.keys()) == {"heron.reply", "heron.upload", "heron.seeds"}  # no model
+    assert set(content["heron.seeds"].keys()) == {"client_id", "step", "seeds", "projected_grads",
+                                                  "buffer/1.running_mean", "buffer/1.num_batches_tracked"}
+
+
+def test_seeds_reply_of_a_restarted_client_and_with_every_step_skipped():
+    assert codec.decode_reply(_seeds_reply(ClientSync(2, 0)), _seeds_spec()).start == ClientSync(2, 0)
+    result = _result()
+    result.skipped_steps = 4
+    content = codec.encode_reply(result, 1, start=ClientSync(1, 3), seeds=_seeds_upload(applied=0))
+    reply = codec.decode_reply(content, _seeds_spec())
+    assert reply.seeds.zo_steps == [] and reply.seeds.q == 0
+
+
+def _seeds_rejected(content) -> str:
+    return _rejected(content, _seeds_spec())
+
+
+@pytest.mark.parametrize(("key", "array", "expected"), [
+    ("seeds", np.zeros((3, 2), np.int32), "heron.seeds/seeds: expected dtype int64, got int32"),
+    ("projected_grads", np.zeros((3, 2), np.float32),
+     "heron.seeds/projected_grads: expected dtype float64, got float32"),
+    ("projected_grads", np.zeros((3, 1)), "heron.seeds/projected_grads: expected shape (3, 2), got (3, 1)"),
+    ("seeds", np.zeros((3, 3), np.int64), "heron.seeds/seeds: expected shape (3, 2), got (3, 3)"),
+    ("client_id", np.array([2]), "heron.seeds/client_id: expected shape (), got (1,)"),
+    ("buffer/1.running_mean", np.zeros(3, np.float32),
+     "heron.seeds/buffer/1.running_mean: expected shape (2,), got (3,)"),
+    ("buffer/1.running_mean", np.array([0.0, np.inf], np.float32),
+     "heron.seeds/buffer/1.running_mean: contains NaN or infinite values"),
+    ("projected_grads", np.array([[0.0, 1.0], [np.nan, 1.0], [0.0, 0.0]]),
+     "heron.seeds/projected_grads: contains NaN or infinite values"),
+    ("projected_grads", np.array([[0.0, 1.0], [-np.inf, 1.0], [0.0, 0.0]]),
+     "heron.seeds/projected_grads: contains NaN or infinite values"),
+    ("client_id", np.array(1), "heron.seeds/client_id: expected 2 (the reply's client-id), got 1"),
+    ("step", np.array([3, 5, 6]), "heron.seeds/step: expected the 3 consecutive steps from start-step 3, got "
+                                  "['3', '5', '6']"),
+    ("seeds", np.array([[1, 2], [-3, 4], [5, 6]]), "heron.seeds: seed-and-scalar upload: 'step' and 'seeds' must "
+                                                   "be non-negative"),
+])
+def test_bad_seeds_arrays_are_rejected(key, array, expected):
+    assert expected in _seeds_rejected(_replace_array(_seeds_reply(), "heron.seeds", key, array))
+
+
+def test_extra_or_missing_seeds_keys_are_rejected():
+    content = _replace_array(_seeds_reply(), "heron.seeds", "buffer/1.running_var", np.ones(2, np.float32))
+    assert "heron.seeds: missing keys none, unexpected keys ['buffer/1.running_var']" in _seeds_rejected(content)
+    content = _seeds_reply()
+    del content["heron.seeds"]["projected_grads"]
+    assert "heron.seeds: missing keys ['projected_grads'], unexpected keys none" in _seeds_rejected(content)
+    content = _seeds_reply()
+    del content["heron.seeds"]["buffer/1.num_batches_tracked"]
+    assert "missing keys ['buffer/1.num_batches_tracked']" in _seeds_rejected(content)
+
+
+def test_seeds_step_count_must_be_the_applied_steps():
+    content = _seeds_reply()
+    content["heron.reply"]["skipped-steps"] = 0  # 4 applied steps claimed, 3 sent
+    assert "heron.seeds/step: expected shape (4,), got (3,)" in _seeds_rejected(content)
+    content = _seeds_reply(applied=4)  # 1 of the 4 steps was skipped
+    assert "heron.seeds/step: expected shape (3,), got (4,)" in _seeds_rejected(content)
+
+
+def test_seeds_steps_must_start_at_start_step():
+    content = codec.encode_reply(_result(), 1, start=ClientSync(2, 0), seeds=_seeds_upload(start=3))
+    assert "heron.seeds/step: expected the 3 consecutive steps from start-step 0, got ['3', '4', '5']" in \
+        _seeds_rejected(content)
+
+
+def test_a_model_in_a_seeds_run_and_seeds_in_a_parameters_run_are_rejected():
+    content = _reply()
+    assert "heron.reply/client-upload: expected one of ['seeds'], got 'parameters'" in _seeds_rejected(content)
+    content = _seeds_reply()
+    content["heron.model"] = codec.encode_arrays({"0.bias": torch.zeros(4)})
+    assert "reply (seeds): missing records none, unexpected records ['heron.model']" in _seeds_rejected(content)
+    content = _seeds_reply()
+    content["heron.reply"]["client-upload"] = "parameters"
+    assert "reply (parameters): missing records ['heron.model'], unexpected records ['heron.seeds']" in \
+        _rejected(content)
 
 
 def test_array_record_rejects_non_arrays():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,19 @@ from heron.sfl.engine import TrainConfig  # noqa: E402
 
 def test_wire_types_cover_exactly_the_train_config_fields():
     assert set(fc._TRAIN_TYPES) == {f.name for f in fields(TrainConfig)}
+
+
+def test_app_run_config_lists_every_setting():
+    """The Flower app's pyproject.toml, read as `flwr run` reads it, lists every TrainConfig field and
+    Flower setting (client_upload included), and parses; --run-config overrides reach the TrainConfig."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    app = Path(__file__).parents[2] / "python" / "heron" / "flower" / "app"
+    run_config = get_fused_config_from_dir(app, {})
+    assert set(run_config) == set(fc._TRAIN_TYPES) | set(fc._SETTING_TYPES)
+    assert fc.from_run_config(run_config)[0].client_upload == "parameters"
+    seeds = get_fused_config_from_dir(app, {"client_upload": "seeds"})
+    assert fc.from_run_config(seeds)[0].client_upload == "seeds"
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])
@@ -47,3 +61,11 @@ def test_run_config_fills_defaults_and_checks_keys():
 def test_split_learning_methods_are_refused_with_the_reason(method):
     with pytest.raises(ValueError, match="need a server round trip .* after every local step"):
         fc.from_run_config({"method": method})
+
+
+def test_heron_flower_takes_client_upload():
+    from heron.cli import build_parser
+
+    args = build_parser().parse_args(["flower", "--method", "heron", "--client-upload", "seeds"])
+    assert args.client_upload == "seeds"
+    assert build_parser().parse_args(["flower"]).client_upload == "parameters"

@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,15 +16,18 @@ pytest.importorskip("flwr")
 from flwr.app import Array, Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from heron.flower.client import load_updater_state, run_client_round, save_updater_state  # noqa: E402
+from heron.flower import server_app  # noqa: E402
+from heron.flower.client import BASE, load_updater_state, run_client_round, save_updater_state  # noqa: E402
 from heron.flower.client_app import make_client_app  # noqa: E402
-from heron.flower.codec import encode_request  # noqa: E402
+from heron.flower.codec import ClientSync, encode_request  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
+from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
 from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
 
 CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
                      upload_every=1, batch_size=8)
+SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
 
 
 class InProcessGrid:
@@ -31,7 +35,8 @@ class InProcessGrid:
 
     Like Flower, a node's context is only updated by a call that returns; a raising ClientApp
     becomes an error reply. silent: nodes that never answer (a timeout); tamper(node, reply):
-    rewrites a node's reply before the server sees it.
+    rewrites a node's reply before the server sees it, or returns None to lose it (the node ran the
+    round and kept its context, the server never hears of it).
     """
 
     def __init__(self, app, nodes: int, *, partitions: int | None = None, silent=(), tamper=None):
@@ -56,15 +61,21 @@ class InProcessGrid:
                 self.contexts[node] = context
             except Exception as error:  # noqa: BLE001 - what Flower's runtime does with a raising ClientApp
                 reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            replies.append(self.tamper(node, reply) if self.tamper else reply)
+            reply = self.tamper(node, reply) if self.tamper else reply
+            if reply is not None:
+                replies.append(reply)
         return replies
+
+
+def _set_task_identity(monkeypatch) -> None:
+    """Messages read the run and node ids of the current task, which Flower's runtime sets."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    """Messages read the run and node ids of the current task, which Flower's runtime sets."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+    _set_task_identity(monkeypatch)
 
 
 def _equal_states(a, b) -> bool:
@@ -141,8 +152,9 @@ def test_client_state_survives_in_the_context_only():
     broadcast = engine.client_parameters()
     state = RecordDict()
     for round_index in range(2):
-        reply = run_client_round(encode_request(CONFIG, round_index, broadcast), state, client_id=1,
-                                 num_partitions=3)
+        sync = [ClientSync(0, CONFIG.local_steps * round_index)] * 3  # the server accepted every earlier round
+        reply = run_client_round(encode_request(CONFIG, round_index, broadcast, sync=sync), state,
+                                 client_id=1, num_partitions=3)
         engine.clients[1].set_state(broadcast)
         want = engine.clients[1].run_round(round_index)
         got = reply["heron.model"]
@@ -161,7 +173,7 @@ def test_saved_state_belongs_to_one_client_and_run():
 
 
 def test_node_outside_the_run_is_refused():
-    content = encode_request(CONFIG, 0, Experiment(CONFIG).client_parameters())
+    content = encode_request(CONFIG, 0, Experiment(CONFIG).client_parameters(), sync=[ClientSync()] * 3)
     with pytest.raises(ValueError, match="this node is partition 3, but the run has 3 clients"):
         run_client_round(content, RecordDict(), client_id=3)
     with pytest.raises(ValueError, match="num-partitions=5, but the run has 3 clients"):
@@ -175,17 +187,187 @@ def test_missing_nodes_do_not_stop_the_run(caplog):
     assert "round 1: only 2 of 3 nodes connected; running with them" in caplog.text
 
 
+class RestartingGrid(InProcessGrid):
+    """Node 102 goes away after round 1; node 200 comes back as partition 2 with an empty context (a
+    restarted SuperNode)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if 102 in self.contexts:
+            context = self.contexts.pop(102)
+            self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
+                                         node_config=context.node_config)
+        return replies
+
+
 def test_a_restarted_node_takes_over_its_client():
-    """Node 102 goes away after round 1; node 200 comes back as partition 2 (a restarted SuperNode)."""
-
-    class RestartingGrid(InProcessGrid):
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = super().send_and_receive(messages, timeout=timeout)
-            if 102 in self.contexts:
-                context = self.contexts.pop(102)
-                self.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
-                                             node_config=context.node_config)
-            return replies
-
     run = run_rounds(RestartingGrid(make_client_app(), 3), CONFIG, FlowerSettings())
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+
+
+# -- seed-and-scalar uploads ----------------------------------------------------------------------------
+
+def _record(record, **zeroed):
+    return {**record.__dict__, "seconds": 0, **zeroed}
+
+
+def test_seeds_run_equals_the_engine_in_both_upload_modes():
+    """Seeds through Flower == the engine's seeds run (every record field) == the engine's parameters run
+    (all but bytes_up, which is smaller)."""
+    run = run_rounds(InProcessGrid(make_client_app(), SEEDS.clients), SEEDS, FlowerSettings())
+    engine_seeds, engine_parameters = Experiment(SEEDS), Experiment(CONFIG)
+    engine_seeds.run()
+    engine_parameters.run()
+    for engine in (engine_seeds, engine_parameters):
+        assert _equal_states(run.client_state, engine.client_parameters())
+        assert _equal_states(run.server_state, engine.server_model.state_dict())
+    for got, seeds, parameters in zip(run.report.rounds, engine_seeds.history, engine_parameters.history,
+                                      strict=True):
+        assert _record(got) == _record(seeds)
+        assert _record(got, bytes_up=0) == _record(parameters, bytes_up=0)
+        assert got.bytes_up < parameters.bytes_up
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+    assert not any(o.left_out for o in run.outcomes)
+
+
+@pytest.fixture
+def servers(monkeypatch):
+    """The SplitServer of each run_rounds call (to look at its replicas and step counts)."""
+    made = []
+
+    class Recorded(SplitServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(server_app, "SplitServer", Recorded)
+    return made
+
+
+def _drop_first_reply_of(node: int, how: str):
+    """A tamper that makes `node`'s first reply unusable after the node ran the round: lost, malformed
+    (NaN scalars: the codec rejects it) or unreplayable (other seeds: the replica rejects it)."""
+    done = set()
+
+    def tamper(at, reply):
+        if at != node or node in done or reply.has_error():
+            return reply
+        done.add(node)
+        if how == "lost":
+            return None
+        seeds = reply.content["heron.seeds"]
+        key, change = (("projected_grads", math.nan) if how == "malformed" else ("seeds", 1))
+        array = seeds[key].numpy().copy()
+        array.flat[0] = change if how == "malformed" else array.flat[0] + change
+        seeds[key] = Array.from_numpy_ndarray(array)
+        return reply
+
+    return tamper
+
+
+def _updater_states_equal(a, b) -> bool:
+    return a["steps"] == b["steps"] and a["moments"].keys() == b["moments"].keys() and all(
+        torch.equal(x, y) for name in a["moments"] for x, y in zip(a["moments"][name], b["moments"][name],
+                                                                     strict=True))
+
+
+@pytest.fixture(scope="module")
+def parameters_run_losing_client_1():
+    """A parameters run in which client 1's round-1 reply is lost."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _set_task_identity(monkeypatch)
+        grid = InProcessGrid(make_client_app(), 3, tamper=_drop_first_reply_of(101, "lost"))
+        return run_rounds(grid, CONFIG, FlowerSettings())
+
+
+@pytest.mark.parametrize(("how", "reason"), [
+    ("lost", "no reply within round_timeout=0.0 s"),
+    ("malformed", "reply rejected: heron.seeds/projected_grads: contains NaN or infinite values"),
+    ("unreplayable", "reply rejected: heron.seeds: step 0 of client 1 has seeds"),
+])
+def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_run_losing_client_1, servers,
+                                                       caplog):
+    """Client 1 trains round 1 and keeps its updater state, but the server does not use the reply: its
+    replica is untouched, and in round 2 the client starts again from the state the replica has. The
+    run equals a parameters run that lost the same reply, and client and replica end in step."""
+    grid = InProcessGrid(make_client_app(), 3, tamper=_drop_first_reply_of(101, how))
+    with caplog.at_level(logging.WARNING, logger="heron.flower"):
+        run = run_rounds(grid, SEEDS, FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 2], [0, 1, 2]]
+    (entry,) = run.outcomes[0].left_out
+    assert entry.node_id == 101 and reason in entry.reason
+    assert "client 1: the server did not use its last round (reply lost, late or rejected); undoing it: back " \
+           "from step 2 to step 0" in caplog.text
+    assert server.sync == [ClientSync(0, 4), ClientSync(0, 2), ClientSync(0, 4)]
+    for client_id in range(3):
+        saved = load_updater_state(grid.contexts[100 + client_id].state, client_id, SEEDS)
+        assert _updater_states_equal(saved, server.replicas[client_id].state_dict())
+
+    reference = parameters_run_losing_client_1
+    assert [o.aggregated for o in reference.outcomes] == [[0, 2], [0, 1, 2]]
+    assert _equal_states(run.client_state, reference.client_state)
+    assert _equal_states(run.server_state, reference.server_state)
+    for got, want in zip(run.report.rounds, reference.report.rounds, strict=True):
+        assert _record(got, bytes_up=0) == _record(want, bytes_up=0) and got.bytes_up < want.bytes_up
+
+
+def test_a_reply_that_did_not_start_where_the_server_has_its_client_is_left_out(servers):
+    def jump_ahead(node, reply):  # consistently: start-step and the step numbers (which the codec checks)
+        if node == 101 and not reply.has_error() and reply.content["heron.reply"]["round"] == 1:
+            reply.content["heron.reply"]["start-step"] = 5
+            reply.content["heron.seeds"]["step"] = Array.from_numpy_ndarray(np.array([5, 6]))
+        return reply
+
+    run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=jump_ahead), SEEDS, FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 2]]
+    (entry,) = run.outcomes[1].left_out
+    assert entry.reason == ("reply rejected: heron.reply/generation, start-step: expected 0, 2 (where the server has "
+                            "client 1) or 1, 0 (its updater restarted), got 0, 5")
+    assert server.sync[1] == ClientSync(0, 2) and server.replicas[1].updater.steps == 2  # untouched
+
+
+def test_a_restarted_node_restarts_its_replica(servers, caplog):
+    """Node 200, client 2's restarted node, has no saved state: its updater starts afresh as generation 1,
+    and so does client 2's replica on the server."""
+    grid = RestartingGrid(make_client_app(), 3)
+    with caplog.at_level(logging.WARNING, logger="heron.flower"):
+        run = run_rounds(grid, SEEDS, FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+    assert "client 2: no saved updater state where the server has it (step 2 of generation 0); starting afresh " \
+           "as generation 1" in caplog.text
+    assert "client 2 restarted its updater afresh (generation 1; the server had it at step 2 of generation 0)" in \
+        caplog.text
+    assert server.sync == [ClientSync(0, 4), ClientSync(0, 4), ClientSync(1, 2)]
+    saved = load_updater_state(grid.contexts[200].state, 2, SEEDS)
+    assert saved["steps"] == 2 and _updater_states_equal(saved, server.replicas[2].state_dict())
+
+
+def test_a_restart_the_server_did_not_take_up_is_not_mistaken_for_its_state(servers):
+    """Node 200's first reply (a fresh updater, generation 1) is rejected: the server keeps client 2 at
+    step 2 of generation 0, while node 200's saved state is at step 2 too, of another updater. The
+    generation tells them apart: node 200 starts afresh again, and the server restarts the replica."""
+    grid = RestartingGrid(make_client_app(), 3, tamper=_drop_first_reply_of(200, "malformed"))
+    run = run_rounds(grid, TrainConfig(**{**SEEDS.__dict__, "rounds": 3}), FlowerSettings())
+    (server,) = servers
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1], [0, 1, 2]]
+    assert server.sync == [ClientSync(0, 6), ClientSync(0, 6), ClientSync(1, 2)]
+    saved = load_updater_state(grid.contexts[200].state, 2, SEEDS)
+    assert _updater_states_equal(saved, server.replicas[2].state_dict())
+
+
+def test_a_client_out_of_step_with_the_server_refuses_the_round():
+    """Counts the protocol cannot produce (here: 1 step accepted from client 1, whose saved states are at
+    steps 2 and 0) fail the round on the client with the reason."""
+    broadcast = Experiment(SEEDS).client_parameters()
+    state = RecordDict()
+    run_client_round(encode_request(SEEDS, 0, broadcast, sync=[ClientSync()] * 3), state, client_id=1)
+    assert load_updater_state(state, 1, SEEDS)["steps"] == 2
+    assert load_updater_state(state, 1, SEEDS, slot=BASE)["steps"] == 0
+    sync = [ClientSync(0, 2), ClientSync(0, 1), ClientSync(0, 2)]
+    with pytest.raises(ValueError, match=r"client 1 cannot resynchronise with the server: the server has it at step "
+                                         r"1 of generation 0, this node's saved updater states of that generation "
+                                         r"are at steps \[2, 0\]"):
+        run_client_round(encode_request(SEEDS, 1, broadcast, sync=sync), state, client_id=1)

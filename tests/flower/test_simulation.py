@@ -1,7 +1,10 @@
-"""The Flower app under Flower's Ray simulation engine: equal to the single-machine engine, and a
-failing client does not stop a round. One simulation per fixture, shared by the module's tests."""
+"""The Flower app under Flower's Ray simulation engine: equal to the single-machine engine (with
+parameter and with seed-and-scalar uploads), and a failing client does not stop a round. One
+simulation per fixture, shared by the module's tests."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,6 +40,11 @@ def flower_and_engine(one_thread):
 
 
 @pytest.fixture(scope="module")
+def seeds_run(one_thread):
+    return simulate(replace(CONFIG, client_upload="seeds"), ray_cpus=2, client_cpus=1)
+
+
+@pytest.fixture(scope="module")
 def run_with_failing_client(one_thread):
     return simulate(CONFIG, ray_cpus=2, client_cpus=1, fail_clients={1})
 
@@ -62,6 +70,18 @@ def test_report_equals_the_engine(flower_and_engine):
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
     for got, want in zip(run.report.rounds, engine.history, strict=True):
         assert {**got.__dict__, "seconds": 0} == {**want.__dict__, "seconds": 0}
+
+
+def test_seeds_run_equals_the_engine_with_fewer_bytes(seeds_run, flower_and_engine):
+    """Seed-and-scalar uploads through Ray (client state carried in each node's context between rounds):
+    the engine's parameters run bit for bit, all but bytes_up, which is smaller."""
+    _, engine = flower_and_engine
+    _assert_equal(seeds_run.client_state, engine.client_parameters())
+    _assert_equal(seeds_run.server_state, engine.server_model.state_dict())
+    assert [o.aggregated for o in seeds_run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+    for got, want in zip(seeds_run.report.rounds, engine.history, strict=True):
+        assert {**got.__dict__, "seconds": 0, "bytes_up": 0} == {**want.__dict__, "seconds": 0, "bytes_up": 0}
+        assert got.bytes_up < want.bytes_up
 
 
 def test_failing_client_is_left_out_and_the_run_completes(run_with_failing_client):

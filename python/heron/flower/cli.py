@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, fields
 
+    from heron.cli import _client_uploads
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
     from heron.flower.simulation import simulate
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"heron flower: {error}", file=sys.stderr)
         return 2
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    base = TrainConfig(**{**values, "method": methods[0]}).validate()
+    upload_of = _client_uploads(methods, values["client_upload"], bool(args.compare))
+    base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
     settings = FlowerSettings(round_timeout=args.round_timeout).validate()
     runs = []
     for method in methods:
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{method} round {record.round}: test acc {record.test_accuracy:.4f} ({record.seconds:.1f} s)",
                   flush=True)
 
-        config = TrainConfig(**{**asdict(base), "method": method})
+        config = TrainConfig(**{**asdict(base), "method": method, "client_upload": upload_of[method]})
         runs.append(simulate(config, settings, ray_cpus=args.ray_cpus, client_cpus=args.client_cpus,
                              client_gpus=args.client_gpus, on_round=None if args.no_progress else on_round,
                              verbose=args.verbose))

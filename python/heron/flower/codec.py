@@ -5,31 +5,41 @@ ArrayRecords as .npy payloads (read back with `allow_pickle=False`); scalars in 
 
 Request (server -> client), records of its RecordDict:
     "heron.config"  ConfigRecord  the run's TrainConfig (heron.flower.config)
-    "heron.round"   ConfigRecord  protocol, round (0-based), client-upload (the reply kind asked for)
+    "heron.round"   ConfigRecord  protocol, round (0-based), client-upload (the reply kind asked for:
+                                  the config's client_upload), client-generations and client-steps (per
+                                  client id, where the server has that client's updater: ClientSync)
     "heron.model"   ArrayRecord   the global client model: client part + aux head state_dict
 
-Reply (client -> server) of kind "smashed":
+Reply (client -> server), kind "parameters" or "seeds" (TrainConfig.client_upload):
     "heron.reply"   ConfigRecord  protocol, round, client-id, num-samples, client-upload,
-                                  skipped-steps, losses (one float per local step)
-    "heron.model"   ArrayRecord   the client's model after its h local steps
+                                  skipped-steps, losses (one float per local step), generation and
+                                  start-step (the ClientSync the client started the round from)
     "heron.upload"  ArrayRecord   "smashed/<i>" (B, *cut shape) float, "labels/<i>" (B,) int64 for
                                   the i-th upload, i < local_steps // upload_every; B = min(batch, n)
+  kind "parameters" adds
+    "heron.model"   ArrayRecord   the client's model after its h local steps
+  kind "seeds" adds, instead of the model (heron.sfl.replay.SeedScalarUpload.to_tensors()):
+    "heron.seeds"   ArrayRecord   "client_id" int64 (), "step" int64 (n,), "seeds" int64 (n, q),
+                                  "projected_grads" float64 (n, q), "buffer/<state key>" for each
+                                  BatchNorm buffer; n = local_steps - skipped-steps, steps numbered
+                                  start-step, start-step + 1, ... (q is 0 when n is 0)
 
 Decoding checks, in this order, and rejects with a MessageRejected naming the record/key and the
 expected vs received value: the set of records, every ConfigRecord key (exact set, exact Python
 types, ranges), every ArrayRecord key (exact set), each array's declared dtype and shape, its
 payload size (bounded before it is parsed), the parsed array's dtype and shape, finiteness of
-floating arrays, and label range.
-
-A second reply kind is one entry in each of `_REPLY_RECORDS`, `_ENCODERS` and `_DECODERS` (see
-"HOOK (seeds)" below); the server side dispatches on `ClientReply.kind`.
+floating arrays, label range, and for seeds the step numbers, the client id and the seeds' range.
+What depends on the server's state of the sending client is checked once the node is known to
+speak for that client (heron.flower.server.SplitServer.absorb): where the reply started
+(`check_start`) and, for seeds, each step's seeds against the ones the client's updater derives
+(by its replica, before it replays anything).
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,12 +48,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from heron.flower.config import check_flower_method, train_config_from_record, train_config_to_record
 from heron.sfl.engine import TrainConfig
+from heron.sfl.replay import BUFFER_PREFIX, SeedScalarUpload
 from heron.sfl.roles import ClientRoundResult, Upload
 
-PROTOCOL = 1
+PROTOCOL = 2  # 2: ClientSync in requests and replies, and the reply kinds named as TrainConfig.client_upload
 MESSAGE_TYPE = "train"
 
 CONFIG, ROUND, MODEL, REPLY, UPLOAD = "heron.config", "heron.round", "heron.model", "heron.reply", "heron.upload"
+SEEDS = "heron.seeds"
 
 _NPY_STYPE = "numpy.ndarray"
 # An .npy header for a plain dtype is 128 bytes; anything much bigger than the data is not an honest payload.
@@ -159,6 +171,17 @@ def _str(record: Mapping[str, Any], key: str, where: str, choices: tuple[str, ..
     return value
 
 
+def _int_list(record: Mapping[str, Any], key: str, where: str, length: int, low: int, high: int) -> list[int]:
+    """record[key] as a list of `length` ints, each in [low, high]."""
+    value = record[key]
+    if not isinstance(value, list) or len(value) != length or not all(type(v) is int for v in value):
+        raise MessageRejected(f"{where}/{key}: expected a list of {length} ints, got {_describe(value)}")
+    bad = [v for v in value if not low <= v <= high]
+    if bad:
+        raise MessageRejected(f"{where}/{key}: expected values in [{low}, {high}], got {bad[0]}")
+    return list(value)
+
+
 def _check_records(content: Any, expected: set[str], what: str) -> None:
     if not isinstance(content, RecordDict):
         raise MessageRejected(f"{what}: expected a RecordDict, got {type(content).__name__}")
@@ -167,27 +190,69 @@ def _check_records(content: Any, expected: set[str], what: str) -> None:
         raise MessageRejected(f"{what}: missing records {_some(missing)}, unexpected records {_some(extra)}")
 
 
+# -- where a client's updater is ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientSync:
+    """A point on a client's updater trajectory: its generation (0 at the start of a run, one more
+    each time the client's updater starts afresh after the server accepted steps from it, e.g. on a
+    restarted SuperNode) and its step count within that generation.
+
+    The server keeps one per client (where its accepted rounds left the client) and sends them with
+    every request; a client tags its saved updater states with theirs and replies with the one it
+    started from. Within a generation the step count names one state (skipped steps change neither).
+    """
+
+    generation: int = 0
+    steps: int = 0
+
+    def starts(self) -> tuple[ClientSync, ClientSync]:
+        """The starts a reply may have when the server has the client here: continuing from here, or a
+        fresh updater of the next generation."""
+        return self, ClientSync(self.generation + 1, 0)
+
+
+def check_start(start: ClientSync, server: ClientSync, client_id: int) -> bool:
+    """Whether a reply that started at `start` may be accepted when the server has the client at
+    `server`: False when it continues from there, True when it is a fresh updater of the next
+    generation (a restart). Raises MessageRejected otherwise."""
+    here, fresh = server.starts()
+    if start not in (here, fresh):
+        raise MessageRejected(f"{REPLY}/generation, start-step: expected {here.generation}, {here.steps} (where the "
+                              f"server has client {client_id}) or {fresh.generation}, 0 (its updater restarted), got "
+                              f"{start.generation}, {start.steps}")
+    return start == fresh
+
+
 # -- request (server -> client) --------------------------------------------------------------------
+
+_REQUEST_KEYS = {"protocol", "round", "client-upload", "client-generations", "client-steps"}
+
 
 @dataclass
 class RoundRequest:
-    """A decoded request: the run's config, the round index, the reply kind asked for, the global
+    """A decoded request: the run's config, the round index, the reply kind asked for, where the
+    server has each client (the updater state a client must start the round from) and the global
     client model's state (CPU tensors)."""
 
     config: TrainConfig
     round_index: int
     client_upload: str
+    sync: list[ClientSync]
     state: dict[str, torch.Tensor]
 
 
 def encode_request(config: TrainConfig, round_index: int, state: Mapping[str, torch.Tensor], *,
-                   client_upload: str = "smashed") -> RecordDict:
-    """The content of round `round_index`'s message to every node."""
-    if client_upload not in UPLOAD_KINDS:
-        raise ValueError(f"client_upload must be one of {UPLOAD_KINDS}, got {client_upload!r}")
+                   sync: Sequence[ClientSync]) -> RecordDict:
+    """The content of round `round_index`'s message to every node. sync: per client id, where the
+    server's accepted rounds left that client."""
+    if len(sync) != config.clients:
+        raise ValueError(f"sync must have one entry per client ({config.clients}), got {len(sync)}")
     return RecordDict({
         CONFIG: ConfigRecord(train_config_to_record(config)),
-        ROUND: ConfigRecord({"protocol": PROTOCOL, "round": round_index, "client-upload": client_upload}),
+        ROUND: ConfigRecord({"protocol": PROTOCOL, "round": round_index, "client-upload": config.client_upload,
+                             "client-generations": [int(s.generation) for s in sync],
+                             "client-steps": [int(s.steps) for s in sync]}),
         MODEL: encode_arrays(state),
     })
 
@@ -201,12 +266,16 @@ def decode_request(content: Any, state_specs: Callable[[TrainConfig], Mapping[st
     except (TypeError, ValueError) as error:
         raise MessageRejected(f"{CONFIG}: {error}") from None
     header = _config_record(content, ROUND)
-    _check_keys(header, {"protocol", "round", "client-upload"}, ROUND)
+    _check_keys(header, _REQUEST_KEYS, ROUND)
     _int(header, "protocol", ROUND, PROTOCOL, PROTOCOL)
     round_index = _int(header, "round", ROUND, 0)
-    kind = _str(header, "client-upload", ROUND, UPLOAD_KINDS)
+    kind = _str(header, "client-upload", ROUND, (config.client_upload,))
+    # each earlier round can restart a client once and add at most local_steps to its count
+    generations = _int_list(header, "client-generations", ROUND, config.clients, 0, round_index)
+    steps = _int_list(header, "client-steps", ROUND, config.clients, 0, round_index * config.local_steps)
     state = decode_arrays(content[MODEL], state_specs(config), MODEL)
-    return RoundRequest(config, round_index, kind, state)
+    sync = [ClientSync(g, n) for g, n in zip(generations, steps, strict=True)]
+    return RoundRequest(config, round_index, kind, sync, state)
 
 
 # -- reply (client -> server) ----------------------------------------------------------------------
@@ -216,7 +285,9 @@ class ReplySpec:
     """What the server accepts as round `round_index`'s reply.
 
     state: the global client model's specs; smashed: one sample's cut-layer output, shape (C', H', W')
-    and dtype; max_samples: the largest honest sample count (the training set's size).
+    and dtype; max_samples: the largest honest sample count (the training set's size);
+    q: directions per ZO step; buffers: the state entries a seed-and-scalar upload carries (kind
+    "seeds"), by state_dict key.
     """
 
     round_index: int
@@ -229,6 +300,8 @@ class ReplySpec:
     num_classes: int
     state: Mapping[str, TensorSpec]
     smashed: TensorSpec
+    q: int = 1
+    buffers: Mapping[str, TensorSpec] = field(default_factory=dict)
     labels_dtype: torch.dtype = torch.int64
 
     @property
@@ -238,24 +311,39 @@ class ReplySpec:
 
 @dataclass
 class ClientReply:
-    """A decoded, checked reply. kind "smashed": `result` carries state, uploads, losses and counts."""
+    """A decoded, checked reply.
+
+    kind "parameters": `result` carries state, uploads, losses and counts. Kind "seeds": `result`
+    carries all but the state (empty until the server rebuilds it from `seeds`). start: where the
+    client's updater started the round.
+    """
 
     kind: str
     result: ClientRoundResult
+    start: ClientSync
+    seeds: SeedScalarUpload | None = None
 
 
-_REPLY_KEYS = {"protocol", "round", "client-id", "num-samples", "client-upload", "skipped-steps", "losses"}
+_REPLY_KEYS = {"protocol", "round", "client-id", "num-samples", "client-upload", "skipped-steps", "losses",
+               "generation", "start-step"}
 
 
-def encode_reply(result: ClientRoundResult, round_index: int, *, client_upload: str = "smashed") -> RecordDict:
-    """The content of a client's reply to round `round_index`."""
-    if client_upload not in UPLOAD_KINDS:
-        raise ValueError(f"client_upload must be one of {UPLOAD_KINDS}, got {client_upload!r}")
+def encode_reply(result: ClientRoundResult, round_index: int, *, start: ClientSync,
+                 seeds: SeedScalarUpload | None = None) -> RecordDict:
+    """The content of a client's reply to round `round_index`, which its updater started at `start`:
+    kind "seeds" when `seeds` is given (the upload of `result`, heron.sfl.replay.seed_scalar_upload),
+    else kind "parameters"."""
+    kind = "parameters" if seeds is None else "seeds"
     content = RecordDict({REPLY: ConfigRecord({
         "protocol": PROTOCOL, "round": round_index, "client-id": result.client_id,
-        "num-samples": result.num_samples, "client-upload": client_upload,
-        "skipped-steps": result.skipped_steps, "losses": [float(loss) for loss in result.losses]})})
-    _ENCODERS[client_upload](result, content)
+        "num-samples": result.num_samples, "client-upload": kind, "skipped-steps": result.skipped_steps,
+        "losses": [float(loss) for loss in result.losses], "generation": start.generation,
+        "start-step": start.steps})})
+    content[UPLOAD] = _encode_uploads(result)
+    if seeds is None:
+        content[MODEL] = encode_arrays(result.state)
+    else:
+        content[SEEDS] = encode_arrays(seeds.to_tensors())
     return content
 
 
@@ -274,47 +362,79 @@ def decode_reply(content: Any, spec: ReplySpec) -> ClientReply:
     client_id = _int(header, "client-id", REPLY, 0, spec.clients - 1)
     num_samples = _int(header, "num-samples", REPLY, 1, spec.max_samples)
     skipped = _int(header, "skipped-steps", REPLY, 0, spec.local_steps)
+    start = ClientSync(_int(header, "generation", REPLY, 0), _int(header, "start-step", REPLY, 0))
     losses = header["losses"]
     if (not isinstance(losses, list) or len(losses) != spec.local_steps
             or not all(type(loss) is float for loss in losses)):
         raise MessageRejected(f"{REPLY}/losses: expected {spec.local_steps} floats, got {_describe(losses)}")
     result = ClientRoundResult(client_id, {}, num_samples, losses=list(losses), skipped_steps=skipped)
-    _DECODERS[kind](content, spec, result)
-    return ClientReply(kind, result)
+    reply = ClientReply(kind, result, start)
+    result.uploads = _decode_uploads(content, spec, num_samples)
+    _DECODERS[kind](content, spec, reply)
+    return reply
 
 
-def _encode_smashed(result: ClientRoundResult, content: RecordDict) -> None:
-    content[MODEL] = encode_arrays(result.state)
+def _encode_uploads(result: ClientRoundResult) -> ArrayRecord:
     uploads: dict[str, torch.Tensor] = {}
     for i, upload in enumerate(result.uploads):
         uploads[f"smashed/{i}"], uploads[f"labels/{i}"] = upload.smashed, upload.labels
-    content[UPLOAD] = encode_arrays(uploads)
+    return encode_arrays(uploads)
 
 
-def _decode_smashed(content: RecordDict, spec: ReplySpec, result: ClientRoundResult) -> None:
-    result.state = decode_arrays(content[MODEL], spec.state, MODEL)
-    batch = min(spec.batch_size, result.num_samples)
+def _decode_uploads(content: RecordDict, spec: ReplySpec, num_samples: int) -> list[Upload]:
+    batch = min(spec.batch_size, num_samples)
     expected: dict[str, TensorSpec] = {}
     for i in range(spec.num_uploads):
         expected[f"smashed/{i}"] = TensorSpec((batch, *spec.smashed.shape), spec.smashed.dtype)
         expected[f"labels/{i}"] = TensorSpec((batch,), spec.labels_dtype)
     tensors = decode_arrays(content[UPLOAD], expected, UPLOAD)
+    uploads = []
     for i in range(spec.num_uploads):
         labels = tensors[f"labels/{i}"]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
             raise MessageRejected(f"{UPLOAD}/labels/{i}: expected labels in [0, {spec.num_classes}), got range "
                                   f"[{int(labels.min())}, {int(labels.max())}]")
-        result.uploads.append(Upload(tensors[f"smashed/{i}"], labels))
+        uploads.append(Upload(tensors[f"smashed/{i}"], labels))
+    return uploads
 
 
-# HOOK (seeds): a seed-and-scalar upload (heron.sfl.replay.SeedScalarUpload) is a second reply kind.
-# Add "seeds" here with the records it uses (e.g. {REPLY, UPLOAD}: no model, the server rebuilds it),
-# an encoder writing SeedScalarUpload.to_tensors() into UPLOAD and a decoder checking them and
-# setting a ClientReply payload; then handle kind "seeds" in heron.flower.server.SplitServer.absorb.
-_REPLY_RECORDS: dict[str, set[str]] = {"smashed": {REPLY, MODEL, UPLOAD}}
-_ENCODERS: dict[str, Callable[[ClientRoundResult, RecordDict], None]] = {"smashed": _encode_smashed}
-_DECODERS: dict[str, Callable[[RecordDict, ReplySpec, ClientRoundResult], None]] = {"smashed": _decode_smashed}
-UPLOAD_KINDS: tuple[str, ...] = tuple(_REPLY_RECORDS)
+def _decode_parameters(content: RecordDict, spec: ReplySpec, reply: ClientReply) -> None:
+    reply.result.state = decode_arrays(content[MODEL], spec.state, MODEL)
+
+
+def seeds_specs(spec: ReplySpec, applied_steps: int) -> dict[str, TensorSpec]:
+    """The arrays of a "seeds" reply with `applied_steps` applied steps (SeedScalarUpload.to_tensors)."""
+    n = applied_steps
+    q = spec.q if n else 0  # to_tensors writes seeds of shape (0, 0) when no step was applied
+    return {"client_id": TensorSpec((), torch.int64), "step": TensorSpec((n,), torch.int64),
+            "seeds": TensorSpec((n, q), torch.int64), "projected_grads": TensorSpec((n, q), torch.float64),
+            **{BUFFER_PREFIX + key: buffer for key, buffer in spec.buffers.items()}}
+
+
+def _decode_seeds(content: RecordDict, spec: ReplySpec, reply: ClientReply) -> None:
+    result, start = reply.result, reply.start.steps
+    n = spec.local_steps - result.skipped_steps
+    # shapes, dtypes, exact keys (buffers included), payload sizes; no NaN/inf in scalars or buffers
+    tensors = decode_arrays(content[SEEDS], seeds_specs(spec, n), SEEDS)
+    if int(tensors["client_id"]) != result.client_id:
+        raise MessageRejected(f"{SEEDS}/client_id: expected {result.client_id} (the reply's client-id), got "
+                              f"{int(tensors['client_id'])}")
+    steps = tensors["step"]
+    if not torch.equal(steps, torch.arange(start, start + n, dtype=torch.int64)):
+        raise MessageRejected(f"{SEEDS}/step: expected the {n} consecutive steps from start-step {start}, got "
+                              f"{_some([str(s) for s in steps.tolist()], 8)}")
+    try:
+        reply.seeds = SeedScalarUpload.from_tensors(tensors)
+    except ValueError as error:
+        raise MessageRejected(f"{SEEDS}: {error}") from None
+
+
+# A reply kind: the records it holds besides REPLY and UPLOAD, and its decoder (which fills in the
+# ClientReply's client state or seed-and-scalar upload); the server side dispatches on ClientReply.kind.
+_REPLY_RECORDS: dict[str, set[str]] = {"parameters": {REPLY, UPLOAD, MODEL}, "seeds": {REPLY, UPLOAD, SEEDS}}
+_DECODERS: dict[str, Callable[[RecordDict, ReplySpec, ClientReply], None]] = {
+    "parameters": _decode_parameters, "seeds": _decode_seeds}
+UPLOAD_KINDS: tuple[str, ...] = tuple(_REPLY_RECORDS)  # = heron.sfl.replay.CLIENT_UPLOADS (tested)
 
 
 def _some(names: list[str], limit: int = 5) -> str:

@@ -2,11 +2,19 @@
 with the clients' decoded replies.
 
 `SplitServer` holds a `heron.sfl.engine.Experiment` built from the same TrainConfig, so the
-initial global model, the server part and its optimizer, FedAvg, evaluation and the report are
-the engine's own. Its in-process client replicas are never trained: only client 0 is profiled
-once (on a copy) for the report's client-cost columns, as `heron train` does. A round is what
-`Experiment._aux_round` does with the clients' results: in client-id order, the main server trains
-on each client's uploads, then the fed server averages the client models.
+initial global model, the server part and its optimizer, FedAvg, evaluation, the report and, in
+seeds mode, each client's `ClientReplica` are the engine's own. The Experiment's in-process
+clients are never trained: only client 0 is profiled once (on a copy) for the report's
+client-cost columns, as `heron train` does. A round is what `Experiment._aux_round` does with the
+clients' results: each accepted reply is absorbed (in seeds mode: the client's replica replays its
+upload from the round's broadcast state), then in client-id order the main server trains on each
+client's uploads and the fed server averages the client models.
+
+Clients and server stay in step: the server keeps, per client, where the rounds it accepted left
+the client's updater (`codec.ClientSync`: generation and step count; in seeds mode, where its
+replica is) and sends that with every request; a client starts each round from its updater state
+there, so a round whose reply the server did not use (lost, late or rejected) leaves no trace on
+the client either (heron.flower.client).
 """
 
 from __future__ import annotations
@@ -19,7 +27,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from heron.flower.codec import ClientReply, ReplySpec, TensorSpec, specs_of
+from heron.flower.codec import (
+    SEEDS,
+    ClientReply,
+    ClientSync,
+    MessageRejected,
+    ReplySpec,
+    TensorSpec,
+    check_start,
+    specs_of,
+)
 from heron.flower.config import check_flower_method
 from heron.sfl.engine import Experiment, MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import ClientRoundResult, state_bytes
@@ -34,6 +51,15 @@ class LeftOut:
     node_id: int
     reason: str
     client_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A reply the server aggregates: the client's round (in seeds mode with the state its replica
+    rebuilt) and the bytes its model upload took (the state, or the seed-and-scalar upload)."""
+
+    result: ClientRoundResult
+    model_bytes: int
 
 
 @dataclass
@@ -58,6 +84,11 @@ class SplitServer:
         self.smashed_spec = self._smashed_spec()
         self.outcomes: list[RoundOutcome] = []
         self.profile = None
+        # per client id: where the rounds this server accepted left the client's updater
+        self.sync = [ClientSync() for _ in range(self.config.clients)]
+        # seeds mode: the engine's replicas, and their initial states for clients whose updater restarts
+        self.replicas = self.experiment.replicas
+        self._initial_replicas = None if self.replicas is None else [r.state_dict() for r in self.replicas]
 
     def _smashed_spec(self) -> TensorSpec:
         """One sample's cut-layer output: run the client part on one zero image (on a copy, in eval mode)."""
@@ -77,28 +108,70 @@ class SplitServer:
         """The global client model (client part + aux head) sent to every node."""
         return self.experiment.client_parameters()
 
-    def reply_spec(self, round_index: int, client_upload: str = "smashed") -> ReplySpec:
+    def reply_spec(self, round_index: int) -> ReplySpec:
+        """What round `round_index`'s replies must be (kind: the run's client_upload)."""
         cfg, data = self.config, self.experiment.dataset
-        return ReplySpec(round_index=round_index, client_upload=client_upload, clients=cfg.clients,
+        buffers = {} if self.replicas is None else specs_of(self.replicas[0].expected_buffers)
+        return ReplySpec(round_index=round_index, client_upload=cfg.client_upload, clients=cfg.clients,
                          local_steps=cfg.local_steps, upload_every=cfg.upload_every, batch_size=cfg.batch_size,
                          max_samples=len(data.y_train), num_classes=data.num_classes, state=self.state_spec,
-                         smashed=self.smashed_spec)
+                         smashed=self.smashed_spec, q=cfg.q, buffers=buffers)
 
-    def finish_round(self, round_index: int, replies: list[ClientReply], outcome: RoundOutcome, *,
+    def absorb(self, reply: ClientReply, broadcast: dict[str, torch.Tensor]) -> Accepted:
+        """Accept a decoded reply to the round that broadcast `broadcast`: in seeds mode the client's
+        replica replays the upload into the client's state; the client's ClientSync advances.
+
+        Raises MessageRejected, leaving the replica and the ClientSync untouched, when the reply did not
+        start where the server has the client (or at step 0 of the next generation) or (seeds) the
+        replica cannot replay it. A reply starting a new generation is a client whose updater restarted
+        afresh (e.g. a restarted SuperNode): logged, and its replica restarts from the initial state.
+        """
+        result, start = reply.result, reply.start
+        client_id = result.client_id
+        if reply.kind != self.config.client_upload:
+            raise ValueError(f"a {reply.kind!r} reply in a run with client_upload={self.config.client_upload!r}")
+        here = self.sync[client_id]
+        restarted = check_start(start, here, client_id)
+        if restarted:
+            log.warning("client %d restarted its updater afresh (generation %d; the server had it at step %d of "
+                        "generation %d)", client_id, start.generation, here.steps, here.generation)
+        if reply.kind == "seeds":
+            accepted = Accepted(self._rebuild(reply, broadcast, restarted), reply.seeds.nbytes)
+        else:
+            accepted = Accepted(result, state_bytes(result.state))
+        applied = self.config.local_steps - result.skipped_steps
+        self.sync[client_id] = ClientSync(start.generation, start.steps + applied)
+        return accepted
+
+    def _rebuild(self, reply: ClientReply, broadcast: dict[str, torch.Tensor], restarted: bool) -> ClientRoundResult:
+        result = reply.result
+        replica = self.replicas[result.client_id]
+        previous = replica.state_dict() if restarted else None
+        if restarted:
+            replica.load_state_dict(self._initial_replicas[result.client_id])
+        try:
+            result.state = replica.rebuild(broadcast, reply.seeds)  # checks everything before replaying
+        except ValueError as error:
+            if previous is not None:
+                replica.load_state_dict(previous)
+            raise MessageRejected(f"{SEEDS}: {error}") from None
+        return result
+
+    def finish_round(self, round_index: int, accepted: list[Accepted], outcome: RoundOutcome, *,
                      bytes_down: int, started: float) -> RoundRecord:
-        """Train the server on the replies in client-id order, FedAvg them, evaluate; the round's record.
+        """Train the server on the accepted replies in client-id order, FedAvg them, evaluate; the round's record.
 
         With no replies the global client model stays as it was (and the server part untrained).
         """
         exp = self.experiment
         states, counts, client_losses, server_losses = [], [], [], []
         up = skipped = 0
-        for reply in sorted(replies, key=lambda r: r.result.client_id):
-            result = self.absorb(reply)
+        for entry in sorted(accepted, key=lambda a: a.result.client_id):
+            result = entry.result
             for upload in result.uploads:
                 server_losses.append(exp.server.train_on(upload))
                 up += upload.nbytes
-            up += state_bytes(result.state)
+            up += entry.model_bytes
             states.append(result.state)
             counts.append(result.num_samples)
             client_losses.extend(result.losses)
@@ -117,14 +190,6 @@ class SplitServer:
         exp.history.append(record)
         self.outcomes.append(outcome)
         return record
-
-    def absorb(self, reply: ClientReply) -> ClientRoundResult:
-        """The ClientRoundResult a reply stands for. HOOK (seeds): a "seeds" reply would be rebuilt here
-        (heron.sfl.replay.ClientReplica.rebuild(broadcast state, upload)) into the client's state and
-        smashed data before the main server trains on it."""
-        if reply.kind == "smashed":
-            return reply.result
-        raise ValueError(f"reply kind {reply.kind!r} is not handled by this server")
 
     def report(self) -> MethodReport:
         """The engine's MethodReport of the rounds run so far."""

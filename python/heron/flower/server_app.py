@@ -1,12 +1,13 @@
 """heron's Flower ServerApp: `heron.flower.server_app:app`.
 
-Each round the ServerApp sends every connected node the run's TrainConfig, the round index and
-the global client model (heron.flower.codec), waits for the replies (at most `round_timeout`
-seconds when set), checks each one and hands the valid ones to `SplitServer.finish_round`, which
-trains the server part on them in client-id order and averages them (FedAvg). A node that fails
-(an error reply), times out, sends a malformed reply, or claims a client id that another node
-holds is left out of that round with a logged reason; a round without one valid reply keeps the
-previous global model.
+Each round the ServerApp sends every connected node the run's TrainConfig, the round index, where
+it has each client's updater (codec.ClientSync) and the global client model (heron.flower.codec),
+waits for the replies (at most `round_timeout` seconds when set), checks each one, absorbs the
+valid ones (`SplitServer.absorb`: in seeds mode the client's replica replays its upload) and hands
+them to `SplitServer.finish_round`, which trains the server part on them in client-id order and
+averages them (FedAvg). A node that fails (an error reply), times out, sends a malformed reply or an
+upload its replica cannot replay, or claims a client id that another node holds is left out of that
+round with a logged reason; a round without one valid reply keeps the previous global model.
 
 Configured from `context.run_config` (heron.flower.config) when deployed; `make_server_app(config,
 settings)` fixes the configuration in code (used by `heron flower` and the tests).
@@ -23,9 +24,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from heron.flower.codec import MESSAGE_TYPE, ClientReply, MessageRejected, decode_reply, encode_request
+from heron.flower.codec import MESSAGE_TYPE, MessageRejected, decode_reply, encode_request
 from heron.flower.config import FlowerSettings, from_run_config
-from heron.flower.server import LeftOut, RoundOutcome, SplitServer
+from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer
 from heron.sfl.engine import MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import state_bytes
 
@@ -102,13 +103,13 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
         nodes = _connected_nodes(grid, config.clients, settings.node_wait, round_index)
         started = time.perf_counter()
         state = server.broadcast()
-        content = encode_request(config, round_index, state)
+        content = encode_request(config, round_index, state, sync=server.sync)
         # With a timeout, the messages expire with it: a node must not train a round the server gave up on.
         messages = [Message(content, node, MESSAGE_TYPE, group_id=str(round_index + 1), ttl=timeout)
                     for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         outcome = RoundOutcome(round_index + 1)
-        valid = _check_replies(replies, server, round_index, binding, set(nodes), outcome)
+        valid = _accept_replies(replies, server, round_index, state, binding, set(nodes), outcome)
         for node in sorted(set(nodes) - {reply.metadata.src_node_id for reply in replies}):
             _leave_out(outcome, round_index, LeftOut(node, f"no reply within round_timeout={settings.round_timeout} s",
                                                      binding.client_of.get(node)))
@@ -120,8 +121,9 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
                      server.outcomes)
 
 
-def _check_replies(replies: list[Message], server: SplitServer, round_index: int, binding: _NodeBinding,
-                   connected: set[int], outcome: RoundOutcome) -> list[ClientReply]:
+def _accept_replies(replies: list[Message], server: SplitServer, round_index: int, broadcast: dict[str, torch.Tensor],
+                    binding: _NodeBinding, connected: set[int], outcome: RoundOutcome) -> list[Accepted]:
+    """The replies the round uses, absorbed by the server; the others are left out with their reason."""
     spec = server.reply_spec(round_index)
     valid, seen = [], set()
     for reply in replies:
@@ -145,11 +147,15 @@ def _check_replies(replies: list[Message], server: SplitServer, round_index: int
             _leave_out(outcome, round_index, LeftOut(node, f"reply could not be decoded: {type(error).__name__}: "
                                                      f"{error}", binding.client_of.get(node)))
             continue
-        problem = binding.check(node, decoded.result.client_id, connected)
+        client_id = decoded.result.client_id
+        problem = binding.check(node, client_id, connected)
         if problem is not None:
-            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {problem}", decoded.result.client_id))
+            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {problem}", client_id))
             continue
-        valid.append(decoded)
+        try:  # not under the catch-all above: a replay that fails midway is a bug, not a bad reply
+            valid.append(server.absorb(decoded, broadcast))
+        except MessageRejected as error:
+            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {error}", client_id))
     return valid
 
 
