@@ -137,6 +137,19 @@ def test_gpt2_split_from_transformers_config():
     with pytest.raises(ValueError, match="add_cross_attention"):
         gpt2_split(transformers.GPT2Config(n_layer=2, add_cross_attention=True), cut=1, aux_blocks=1)
     assert GPT2Config.from_transformers(config).n_inner == 96
+    with_norm = gpt2_split(config, cut=2, aux_blocks=1, rank=4, train_final_norm=True)
+    extra = {f"{part}.{n}" for part in ("aux", "server") for n, p in getattr(with_norm, part).named_parameters()
+             if p.requires_grad and not n.endswith(("lora_a", "lora_b"))}
+    assert extra == {"aux.ln_f.weight", "aux.ln_f.bias", "server.ln_f.weight", "server.ln_f.bias"}
+
+
+def test_cpu_attention_flops_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 4, 16, 8)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(2, 1, 1, 16, dtype=torch.bool))
+    assert counter.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # Q K^T and P V
 
 
 def _changed(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:

