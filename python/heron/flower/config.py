@@ -28,7 +28,11 @@ _TRAIN_TYPES: dict[str, type] = {
     "upload_every": int, "batch_size": int, "partition": str, "alpha": float, "client_optimizer": str,
     "client_lr": float, "zo_lr": float, "mu": float, "q": int, "server_optimizer": str, "server_lr": float,
     "weighting": str, "seed": int, "device": str, "backend": str, "client_upload": str, "zo_schedule": str,
+    "cut": int, "aux_layers": int,
 }
+
+
+_OPTIONAL_INTS = ("cut", "aux_layers")  # None travels as 0
 
 
 @dataclass
@@ -65,6 +69,19 @@ def check_flower_method(method: str) -> str:
     return method
 
 
+def check_flower_dataset(dataset: str) -> str:
+    """The Flower app's clients build image models: text datasets run with `heron train`."""
+    from heron.sfl.data import DATASET_KINDS
+    from heron.sfl.methods import IMAGE
+
+    kind = DATASET_KINDS.get(dataset)
+    if kind is not None and kind != IMAGE:
+        images = ", ".join(n for n, k in DATASET_KINDS.items() if k == IMAGE)
+        raise ValueError(f"dataset {dataset!r} ({kind}) is not supported by the Flower app yet; use one of {images}, "
+                         f"or `heron train` for text datasets")
+    return dataset
+
+
 def _typed(key: str, value: Any, kind: type) -> Any:
     # bool is an int subclass in Python; a bool where a number belongs is a mistake, not a 0 or 1.
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -75,9 +92,12 @@ def _typed(key: str, value: Any, kind: type) -> Any:
 
 
 def train_config_to_record(config: TrainConfig) -> dict[str, str | int | float]:
-    """TrainConfig as flat Flower config scalars (backend None -> "")."""
+    """TrainConfig as flat Flower config scalars (backend None -> "", cut / aux_layers None -> 0: the
+    model's default split; a real split point is >= 1)."""
     values = asdict(config)
     values["backend"] = values["backend"] or ""
+    for key in _OPTIONAL_INTS:
+        values[key] = values[key] or 0
     return values
 
 
@@ -88,6 +108,10 @@ def train_config_from_record(record: Mapping[str, Any]) -> TrainConfig:
         raise ValueError(f"train config: missing keys {missing}, unexpected keys {extra}")
     values = {key: _typed(key, record[key], kind) for key, kind in _TRAIN_TYPES.items()}
     values["backend"] = values["backend"] or None
+    for key in _OPTIONAL_INTS:
+        if values[key] < 0:
+            raise ValueError(f"config key {key!r} must be >= 0 (0: the model's default), got {values[key]}")
+        values[key] = values[key] or None
     return TrainConfig(**values).validate()
 
 

@@ -37,7 +37,7 @@ from heron.flower.codec import (
     check_start,
     specs_of,
 )
-from heron.flower.config import check_flower_method
+from heron.flower.config import check_flower_dataset, check_flower_method
 from heron.sfl.engine import Experiment, MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import ClientRoundResult, state_bytes
 
@@ -77,6 +77,7 @@ class SplitServer:
     def __init__(self, config: TrainConfig, *, progress: Callable[[str], None] | None = None, dataset=None,
                  client_data=None):
         check_flower_method(config.method)
+        check_flower_dataset(config.dataset)
         self.experiment = Experiment(config, progress=progress, dataset=dataset, client_data=client_data)
         self.config = self.experiment.config
         self.log = self.experiment.log
@@ -182,11 +183,13 @@ class SplitServer:
             exp.global_model.load_state_dict(exp.fed.aggregate(states, counts))
         else:
             log.warning("round %d: no valid client replies; the global client model is kept", round_index + 1)
+        evaluation = exp.evaluation()
         record = RoundRecord(
-            round=round_index + 1, test_accuracy=exp.evaluate(),
+            round=round_index + 1, test_accuracy=evaluation.metric,
             client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
             server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
-            bytes_up=up, bytes_down=bytes_down, seconds=time.perf_counter() - started, skipped_steps=skipped)
+            bytes_up=up, bytes_down=bytes_down, seconds=time.perf_counter() - started, skipped_steps=skipped,
+            test_loss=evaluation.loss, test_perplexity=evaluation.perplexity)
         exp.history.append(record)
         self.outcomes.append(outcome)
         return record
@@ -196,11 +199,7 @@ class SplitServer:
         exp, profile = self.experiment, self.profile
         if profile is None:
             raise RuntimeError("call start() before report(): the report includes the client profile")
-        return MethodReport(
-            method=self.config.method, final_accuracy=exp.history[-1].test_accuracy if exp.history else 0.0,
-            client_peak_memory_bytes=profile.peak_memory_bytes, client_flops_per_step=profile.flops,
-            client_step_time_s=profile.time_s, bytes_up=sum(r.bytes_up for r in exp.history),
-            bytes_down=sum(r.bytes_down for r in exp.history), rounds=list(exp.history))
+        return exp.method_report(profile)
 
     def client_parameters(self) -> dict[str, torch.Tensor]:
         return self.experiment.client_parameters()

