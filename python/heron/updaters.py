@@ -253,78 +253,58 @@ class ZOUpdater(_Updater):
             raise TypeError(f"the model's output must be computed from its inputs, got {type(out).__name__}")
         return out.base, interpreter.smashed
 
-    def _sequential_losses(self, inputs: tuple, targets: Any, step: int, seeds: list[int], device: torch.device):
+    def _sequential_losses(self, inputs: tuple, targets: Any, step: int, seeds: list[int], norms: list[float]):
         """Perturbed passes first (nothing of them outlives its loss), then the base pass, whose
-        smashed output is the one activation the step returns."""
+        smashed output is the one activation the step returns. Returns (base losses (one per
+        direction, all the base pass's), perturbed losses, smashed)."""
         dropout_seed = derive_seed(self.seed, DROPOUT_STREAM, step)
-        losses_pert, norms = [], []
-        for seed in seeds:
-            norm = self._direction_norm(seed, device) if self.direction == "sphere" else 1.0
+        losses_pert = []
+        for seed, norm in zip(seeds, norms, strict=True):
             perturbation = Perturbation(self.layout, seed, self.mu / norm, backend=self.backend, stream="pert",
                                         dropout_seed=dropout_seed)
             out, _ = self._single_forward(inputs, perturbation)
             losses_pert.append(float(_scalar_loss(self.loss_fn(out, targets))))
-            norms.append(norm)
             del out  # the next pass must not overlap this one's output
         base_pass = Perturbation(self.layout, 0, 0.0, backend=self.backend, stream="base", dropout_seed=dropout_seed)
         out, smashed = self._single_forward(inputs, base_pass)
         loss_base = float(_scalar_loss(self.loss_fn(out, targets)))
-        return loss_base, smashed, losses_pert, norms
+        return [loss_base] * len(seeds), losses_pert, smashed
+
+    def _dual_losses(self, inputs: tuple, targets: Any, step: int, seeds: list[int], norms: list[float]):
+        """One dual-stream forward per direction; BatchNorm statistics are updated once, by the first
+        base stream. Returns (base losses, perturbed losses, smashed), one loss per direction."""
+        u_seed = self.u_seed(step) if self.rank else 0
+        losses_base, losses_pert, smashed = [], [], None
+        for j, (seed, norm) in enumerate(zip(seeds, norms, strict=True)):
+            perturbation = Perturbation(self.layout, seed, self.mu / norm, self.rank, u_seed, self.backend)
+            out_base, out_pert, cut_value = self._dual_forward(inputs, perturbation)
+            losses_base.append(float(_scalar_loss(self.loss_fn(out_base, targets))))
+            losses_pert.append(float(_scalar_loss(self.loss_fn(out_pert, targets))))
+            if j == 0:
+                smashed = cut_value
+                if self.q > 1:  # later directions must not update the statistics again
+                    snapshot_after_base = _BufferSnapshot(self.model)
+            else:
+                snapshot_after_base.restore()  # statistics updated once per step, by the first base stream
+        return losses_base, losses_pert, smashed
 
     @torch.no_grad()
     def step(self, batch: Any) -> StepResult:
-        if self.schedule == "sequential":
-            return self._sequential_step(batch)
-        inputs, targets = _split_batch(batch)
-        step = self.steps
-        seeds = self.direction_seeds(step)
-        u_seed = self.u_seed(step) if self.rank else 0
-        device = self.parameters()[0].device
-        snapshot = _BufferSnapshot(self.model)
-        losses_pert, grads = [], []
-        loss_base, smashed = float("nan"), None
-        try:
-            for j, seed in enumerate(seeds):
-                norm = self._direction_norm(seed, device) if self.direction == "sphere" else 1.0
-                perturbation = Perturbation(self.layout, seed, self.mu / norm, self.rank, u_seed, self.backend)
-                out_base, out_pert, cut_value = self._dual_forward(inputs, perturbation)
-                base = float(_scalar_loss(self.loss_fn(out_base, targets)))
-                pert = float(_scalar_loss(self.loss_fn(out_pert, targets)))
-                if j == 0:
-                    loss_base, smashed = base, cut_value
-                    if self.q > 1:  # later directions must not update the statistics again
-                        snapshot_after_base = _BufferSnapshot(self.model)
-                else:
-                    snapshot_after_base.restore()  # statistics updated once per step, by the first base stream
-                losses_pert.append(pert)
-                scale = self.layout.total / norm if self.direction == "sphere" else 1.0
-                grads.append((pert - base) / self.mu * scale / self.q)
-        except Exception:
-            snapshot.restore()
-            raise
-        result = StepResult(loss=loss_base, smashed=smashed, step=step, seeds=seeds, projected_grads=grads,
-                            losses_perturbed=losses_pert)
-        if not all(math.isfinite(v) for v in (loss_base, *losses_pert)):
-            snapshot.restore()
-            result.skipped, result.reason = True, f"non-finite loss (base {loss_base}, perturbed {losses_pert})"
-            return result
-        self.apply(step, seeds, grads)
-        return result
-
-    @torch.no_grad()
-    def _sequential_step(self, batch: Any) -> StepResult:
         inputs, targets = _split_batch(batch)
         step = self.steps
         seeds = self.direction_seeds(step)
         device = self.parameters()[0].device
+        norms = [self._direction_norm(seed, device) if self.direction == "sphere" else 1.0 for seed in seeds]
+        losses = self._sequential_losses if self.schedule == "sequential" else self._dual_losses
         snapshot = _BufferSnapshot(self.model)
         try:
-            loss_base, smashed, losses_pert, norms = self._sequential_losses(inputs, targets, step, seeds, device)
+            losses_base, losses_pert, smashed = losses(inputs, targets, step, seeds, norms)
         except Exception:
             snapshot.restore()
             raise
-        grads = [(pert - loss_base) / self.mu * (self.layout.total / norm if self.direction == "sphere" else 1.0)
-                 / self.q for pert, norm in zip(losses_pert, norms, strict=True)]
+        loss_base = losses_base[0]
+        grads = [(pert - base) / self.mu * (self.layout.total / norm if self.direction == "sphere" else 1.0) / self.q
+                 for base, pert, norm in zip(losses_base, losses_pert, norms, strict=True)]
         result = StepResult(loss=loss_base, smashed=smashed, step=step, seeds=seeds, projected_grads=grads,
                             losses_perturbed=losses_pert)
         if not all(math.isfinite(v) for v in (loss_base, *losses_pert)):
