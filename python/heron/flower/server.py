@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +37,7 @@ from heron.flower.codec import (
     specs_of,
 )
 from heron.flower.config import check_flower_dataset, check_flower_method
-from heron.sfl.engine import Experiment, MethodReport, RoundRecord, TrainConfig
+from heron.sfl.engine import Experiment, MethodReport, RoundRecord, RoundTally, TrainConfig
 from heron.sfl.roles import ClientRoundResult, state_bytes
 
 log = logging.getLogger("heron.flower")
@@ -165,32 +164,15 @@ class SplitServer:
         With no replies the global client model stays as it was (and the server part untrained).
         """
         exp = self.experiment
-        states, counts, client_losses, server_losses = [], [], [], []
-        up = skipped = 0
+        tally = RoundTally()
         for entry in sorted(accepted, key=lambda a: a.result.client_id):
             result = entry.result
-            for upload in result.uploads:
-                server_losses.append(exp.server.train_on(upload))
-                up += upload.nbytes
-            up += entry.model_bytes
-            states.append(result.state)
-            counts.append(result.num_samples)
-            client_losses.extend(result.losses)
-            skipped += result.skipped_steps
+            tally.absorb(exp.server, result, result.state, entry.model_bytes)
             outcome.aggregated.append(result.client_id)
             self.log(f"round {round_index + 1} client {result.client_id}: loss {result.losses[-1]:.4f}")
-        if states:
-            exp.global_model.load_state_dict(exp.fed.aggregate(states, counts))
-        else:
+        if not tally.states:
             log.warning("round %d: no valid client replies; the global client model is kept", round_index + 1)
-        evaluation = exp.evaluation()
-        record = RoundRecord(
-            round=round_index + 1, test_accuracy=evaluation.metric,
-            client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
-            server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
-            bytes_up=up, bytes_down=bytes_down, seconds=time.perf_counter() - started, skipped_steps=skipped,
-            test_loss=evaluation.loss, test_perplexity=evaluation.perplexity)
-        exp.history.append(record)
+        record = exp.finish_round(round_index, tally, bytes_down=bytes_down, started=started)
         self.outcomes.append(outcome)
         return record
 

@@ -28,7 +28,7 @@ from heron.sfl import checkpoint as ckpt
 from heron.sfl.data import DATASET_KINDS, load_dataset, split_clients
 from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, build_split_model, check_method, check_model_fits
 from heron.sfl.replay import ClientReplica, SeedScalarUpload, check_client_upload, seed_scalar_upload
-from heron.sfl.roles import Client, FedServer, MainServer, SplitClient, Upload, state_bytes
+from heron.sfl.roles import Client, ClientRoundResult, FedServer, MainServer, SplitClient, Upload, state_bytes
 from heron.sfl.state import pack, unpack
 from heron.sfl.tasks import Evaluation, client_batches, task_of
 from heron.stream import derive_seed
@@ -91,6 +91,32 @@ class RoundRecord:
     skipped_steps: int = 0
     test_loss: float | None = None  # mean cross-entropy per prediction (per token for language modelling)
     test_perplexity: float | None = None  # language modelling only
+
+
+@dataclass
+class RoundTally:
+    """What a round gathers from its clients, in client order: the states FedAvg averages, their
+    sample counts, the losses, the bytes uploaded and the skipped steps."""
+
+    states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    client_losses: list[float] = field(default_factory=list)
+    server_losses: list[float] = field(default_factory=list)
+    up: int = 0
+    skipped: int = 0
+
+    def absorb(self, server: MainServer, result: ClientRoundResult, state: dict[str, torch.Tensor],
+               model_bytes: int) -> None:
+        """An auxiliary-head client's round: the main server trains on its uploads, in order; `state`
+        (its parameters, or their rebuild from seeds) joins FedAvg; model_bytes is what its model upload cost."""
+        for upload in result.uploads:
+            self.server_losses.append(server.train_on(upload))
+            self.up += upload.nbytes
+        self.up += model_bytes
+        self.states.append(state)
+        self.counts.append(result.num_samples)
+        self.client_losses.extend(result.losses)
+        self.skipped += result.skipped_steps
 
 
 @dataclass
@@ -216,50 +242,49 @@ class Experiment:
         state = self._broadcast()
         down = state_bytes(state) * len(self.clients)
         if self.aux_method:
-            states, counts, up, client_losses, server_losses, skipped = self._aux_round(round_index, state)
+            tally = self._aux_round(round_index, state)
         else:
-            states, counts, up, down_grads, client_losses, server_losses = self._split_round(round_index, state)
+            tally, down_grads = self._split_round(round_index, state)
             down += down_grads
-            skipped = 0
-        self.global_model.load_state_dict(self.fed.aggregate(states, counts))
+        return self.finish_round(round_index, tally, bytes_down=down, started=start)
+
+    def finish_round(self, round_index: int, tally: RoundTally, *, bytes_down: int, started: float) -> RoundRecord:
+        """FedAvg the tally's client states (none: the global client model is kept), evaluate, and
+        append the round's record (shared with the Flower ServerApp)."""
+        if tally.states:
+            self.global_model.load_state_dict(self.fed.aggregate(tally.states, tally.counts))
         evaluation = self.evaluation()
         record = RoundRecord(
             round=round_index + 1, test_accuracy=evaluation.metric,
-            client_loss=float(sum(client_losses) / max(len(client_losses), 1)),
-            server_loss=float(sum(server_losses) / len(server_losses)) if server_losses else None,
-            bytes_up=up, bytes_down=down, seconds=time.perf_counter() - start, skipped_steps=skipped,
-            test_loss=evaluation.loss, test_perplexity=evaluation.perplexity)
+            client_loss=float(sum(tally.client_losses) / max(len(tally.client_losses), 1)),
+            server_loss=float(sum(tally.server_losses) / len(tally.server_losses)) if tally.server_losses else None,
+            bytes_up=tally.up, bytes_down=bytes_down, seconds=time.perf_counter() - started,
+            skipped_steps=tally.skipped, test_loss=evaluation.loss, test_perplexity=evaluation.perplexity)
         self.history.append(record)
         return record
 
-    def _aux_round(self, round_index: int, state):
-        states, counts, client_losses, server_losses = [], [], [], []
-        up, skipped = 0, 0
+    def _aux_round(self, round_index: int, state) -> RoundTally:
+        tally = RoundTally()
         for client in self.clients:
             client.set_state(state)
             result = client.run_round(round_index)
-            for upload in result.uploads:
-                server_losses.append(self.server.train_on(upload))
-                up += upload.nbytes
             if self.replicas is None:
-                up += state_bytes(result.state)
-                states.append(result.state)
+                client_state, model_bytes = result.state, state_bytes(result.state)
             else:  # the upload goes through its wire format, as it would over a network
                 replica = self.replicas[client.client_id]
                 upload = SeedScalarUpload.from_tensors(seed_scalar_upload(client, result).to_tensors(),
                                                        expected_buffers=replica.expected_buffers)
-                up += upload.nbytes
-                states.append(replica.rebuild(state, upload))
-            counts.append(result.num_samples)
-            client_losses.extend(result.losses)
-            skipped += result.skipped_steps
+                client_state, model_bytes = replica.rebuild(state, upload), upload.nbytes
+            tally.absorb(self.server, result, client_state, model_bytes)
             self.log(f"round {round_index + 1} client {client.client_id}: loss {result.losses[-1]:.4f}")
-        return states, counts, up, client_losses, server_losses, skipped
+        return tally
 
-    def _split_round(self, round_index: int, state):
+    def _split_round(self, round_index: int, state) -> tuple[RoundTally, int]:
+        """SFL-V1/V2: client and server alternate every step. Returns the tally and the bytes of the
+        cut-layer gradients sent down."""
         cfg = self.config
-        states, counts, client_losses, server_losses = [], [], [], []
-        up = down = 0
+        tally = RoundTally()
+        down = 0
         base_server = {k: v.detach().clone() for k, v in self.server_model.state_dict().items()}
         server_states = []
         for client in self.clients:
@@ -270,20 +295,20 @@ class Experiment:
                 upload: Upload = client.forward(round_index, step)
                 loss, grad = self.server.forward_backward(upload)
                 client.backward(grad)
-                up += upload.nbytes
+                tally.up += upload.nbytes
                 down += grad.numel() * grad.element_size()
-                server_losses.append(loss)
-                client_losses.append(loss)
+                tally.server_losses.append(loss)
+                tally.client_losses.append(loss)
             if cfg.method == "sflv1":
                 server_states.append({k: v.detach().clone() for k, v in self.server_model.state_dict().items()})
             result_state = client.state()
-            up += state_bytes(result_state)
-            states.append(result_state)
-            counts.append(client.num_samples)
-            self.log(f"round {round_index + 1} client {client.client_id}: loss {client_losses[-1]:.4f}")
+            tally.up += state_bytes(result_state)
+            tally.states.append(result_state)
+            tally.counts.append(client.num_samples)
+            self.log(f"round {round_index + 1} client {client.client_id}: loss {tally.client_losses[-1]:.4f}")
         if cfg.method == "sflv1":
-            self.server_model.load_state_dict(self.fed.aggregate(server_states, counts))
-        return states, counts, up, down, client_losses, server_losses
+            self.server_model.load_state_dict(self.fed.aggregate(server_states, tally.counts))
+        return tally, down
 
     def evaluate(self, batch_size: int = 500) -> float:
         """The task's test metric (accuracy, or next-token accuracy) of server(client(x))."""
