@@ -11,13 +11,9 @@ import torch
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.engine import Experiment, TrainConfig
 from heron.sfl.methods import METHODS
+from tests.sfl.runs import kill_and_resume, run_parameters
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
-
-
-def _params(experiment: Experiment) -> dict[str, torch.Tensor]:
-    return {**{f"client.{k}": v for k, v in experiment.client_parameters().items()},
-            **{f"server.{k}": v.detach().clone() for k, v in experiment.server_model.state_dict().items()}}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -44,8 +40,8 @@ def test_same_seed_same_parameters_bit_identical():
     a, b = Experiment(replace(SMALL, method="heron")), Experiment(replace(SMALL, method="heron"))
     a.run()
     b.run()
-    for key, value in _params(a).items():
-        assert torch.equal(value, _params(b)[key]), key
+    for key, value in run_parameters(a).items():
+        assert torch.equal(value, run_parameters(b)[key]), key
 
 
 @pytest.mark.parametrize("method", ["heron", "cse-fsl", "sflv1"])
@@ -53,21 +49,10 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, method):
     config = replace(SMALL, method=method, rounds=3)
     full = Experiment(config, checkpoint_dir=tmp_path / "full")
     full.run()
-
-    class Killed(RuntimeError):
-        pass
-
-    def kill_after_round_two(record):
-        if record.round == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Experiment(config, checkpoint_dir=tmp_path / "killed").run(on_round=kill_after_round_two)
-    resumed = Experiment(config, checkpoint_dir=tmp_path / "killed", resume=True)
-    report = resumed.run()
+    resumed, report = kill_and_resume(config, tmp_path / "killed", kill_after=2)
     assert resumed.start_round == 2 and [r.round for r in report.rounds] == [1, 2, 3]
-    for key, value in _params(full).items():
-        assert torch.equal(value, _params(resumed)[key]), key
+    for key, value in run_parameters(full).items():
+        assert torch.equal(value, run_parameters(resumed)[key]), key
 
 
 def test_mismatched_checkpoint_is_rejected(tmp_path):
@@ -146,8 +131,8 @@ def test_sequential_zo_schedule_trains_the_same_model():
     sequential = Experiment(replace(SMALL, method="heron", zo_schedule="sequential"))
     dual_report, sequential_report = dual.run(), sequential.run()
     assert sequential.clients[0].updater.schedule == "sequential"
-    for key, value in _params(dual).items():
-        torch.testing.assert_close(_params(sequential)[key], value, rtol=1e-3, atol=1e-4, msg=key)
+    for key, value in run_parameters(dual).items():
+        torch.testing.assert_close(run_parameters(sequential)[key], value, rtol=1e-3, atol=1e-4, msg=key)
     assert sequential_report.client_peak_memory_bytes < dual_report.client_peak_memory_bytes
 
 

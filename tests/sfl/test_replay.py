@@ -27,6 +27,7 @@ from heron.sfl.replay import (
 )
 from heron.sfl.roles import Client, ClientBatches, state_bytes
 from heron.updaters import ZOUpdater
+from tests.sfl.runs import kill_and_resume, run_parameters
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
 
@@ -158,17 +159,12 @@ def test_replica_on_another_backend_agrees_within_float_tolerance():
         torch.testing.assert_close(rebuilt[key], value, rtol=1e-5, atol=1e-6)
 
 
-def _params(experiment: Experiment) -> dict[str, torch.Tensor]:
-    return {**{f"client.{k}": v for k, v in experiment.client_parameters().items()},
-            **{f"server.{k}": v.detach().clone() for k, v in experiment.server_model.state_dict().items()}}
-
-
 def test_engine_seeds_mode_equals_parameters_mode_with_fewer_bytes():
     params = Experiment(replace(SMALL, q=2))
     seeds = Experiment(replace(SMALL, q=2, client_upload="seeds"))
     report_params, report_seeds = params.run(), seeds.run()
-    for key, value in _params(params).items():
-        assert torch.equal(value, _params(seeds)[key]), key
+    for key, value in run_parameters(params).items():
+        assert torch.equal(value, run_parameters(seeds)[key]), key
     assert [r.test_accuracy for r in report_params.rounds] == [r.test_accuracy for r in report_seeds.rounds]
     state = params.global_model.state_dict()
     buffers = sum(v.numel() * v.element_size() for k, v in state.items() if "running" in k or "num_batches" in k)
@@ -185,21 +181,10 @@ def test_resume_in_seeds_mode_equals_uninterrupted(tmp_path):
     config = replace(SMALL, rounds=3, client_upload="seeds")
     full = Experiment(config, checkpoint_dir=tmp_path / "full")
     full.run()
-
-    class Killed(RuntimeError):
-        pass
-
-    def kill_after_round_two(record):
-        if record.round == 2:
-            raise Killed
-
-    with pytest.raises(Killed):
-        Experiment(config, checkpoint_dir=tmp_path / "killed").run(on_round=kill_after_round_two)
-    resumed = Experiment(config, checkpoint_dir=tmp_path / "killed", resume=True)
-    report = resumed.run()
+    resumed, report = kill_and_resume(config, tmp_path / "killed", kill_after=2)
     assert resumed.start_round == 2 and [r.round for r in report.rounds] == [1, 2, 3]
-    for key, value in _params(full).items():
-        assert torch.equal(value, _params(resumed)[key]), key
+    for key, value in run_parameters(full).items():
+        assert torch.equal(value, run_parameters(resumed)[key]), key
     for a, b in zip(full.replicas, resumed.replicas, strict=True):
         assert a.updater.steps == b.updater.steps
         assert all(torch.equal(x, y) for name in a.updater.state
