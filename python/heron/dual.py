@@ -332,17 +332,30 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, per
     the same normalisation (batch statistics in training, running ones in eval) with perturbed
     affine parameters and no statistics update. Both streams use the same arithmetic (so the finite
     difference sees only the parameter change), in place where the input may be overwritten."""
-    if not _fast_batch_norm_ok(module, x.base):
-        return _batch_norm_functional(module, name, x, pert)
     trainable = _trainable(module, name, pert.layout)
     if x.pert is None and not trainable:
-        return Dual(_normalise(module, x.base, update_stats=True, out=_reuse_or_none(x.base, pert)))
-    base = _normalise(module, x.base, update_stats=True,
-                      out=_reuse_or_none(x.base, pert) if x.pert is not None else None)
+        return Dual(_batch_norm_stream(module, x.base, update_stats=True, pert=pert))
+    base = _batch_norm_stream(module, x.base, update_stats=True, pert=pert, may_overwrite=x.pert is not None)
     _release_bases(x, pert)
     with _PerturbedInPlace(trainable, pert):
-        pert_out = _normalise(module, x.pert_or_base, update_stats=False, out=_reuse_or_none(x.pert_or_base, pert))
+        pert_out = _batch_norm_stream(module, x.pert_or_base, update_stats=False, pert=pert)
     return Dual(base, pert_out)
+
+
+def _batch_norm_stream(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, *, update_stats: bool,
+                       pert: Perturbation, may_overwrite: bool = True) -> torch.Tensor:
+    """One stream through the module's normalisation, with or without the statistics update: the
+    module's ATen kernel, written over x where the node may overwrite it; other inputs (e.g. a
+    SyncBatchNorm, a dtype differing from the parameters') go through the module or F.batch_norm."""
+    if _fast_batch_norm_ok(module, x):
+        out = _reuse_or_none(x, pert) if may_overwrite else None
+        return _normalise(module, x, update_stats=update_stats, out=out)
+    if update_stats:
+        return module(x)
+    use_batch_stats = module.training or module.running_mean is None
+    return nn.functional.batch_norm(
+        x, None if use_batch_stats else module.running_mean, None if use_batch_stats else module.running_var,
+        module.weight, module.bias, training=use_batch_stats, momentum=0.0, eps=module.eps)
 
 
 def _fast_batch_norm_ok(module: nn.modules.batchnorm._BatchNorm, x: Any) -> bool:
@@ -378,20 +391,6 @@ def _normalise(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, *, upda
     torch.ops.aten.native_batch_norm.out(x, module.weight, module.bias, running_mean, running_var, training, factor,
                                          module.eps, out=out, save_mean=stats, save_invstd=stats.clone())
     return out
-
-
-def _batch_norm_functional(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, pert: Perturbation) -> Dual:
-    """The out-of-place path for inputs the fast path does not cover (low precision, SyncBatchNorm)."""
-    base = module(x.base)
-    _release_bases(x, pert)
-    trainable = _trainable(module, name, pert.layout)
-    use_batch_stats = module.training or module.running_mean is None
-    with _PerturbedInPlace(trainable, pert):
-        pert_out = nn.functional.batch_norm(
-            x.pert_or_base, None if use_batch_stats else module.running_mean,
-            None if use_batch_stats else module.running_var, module.weight, module.bias,
-            training=use_batch_stats, momentum=0.0, eps=module.eps)
-    return Dual(base, pert_out)
 
 
 _RELU_FUNCTIONS = (torch.relu, nn.functional.relu)
@@ -483,23 +482,11 @@ def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict,
         return _relu(x, pert)
     with _PerturbedInPlace(trainable, pert):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
-            return Dual(_single_batch_norm(module, x.base, pert))
+            return Dual(_batch_norm_stream(module, x.base, update_stats=pert.stream == "base", pert=pert))
         if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
             overwrite = _same_shape_conv(module, x.base) and pert.can_reuse(x.base) and x.base.is_contiguous()
             return Dual(_conv_chunked(module, x.base, overwrite=overwrite))
         return Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
-
-
-def _single_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, pert: Perturbation) -> torch.Tensor:
-    update = pert.stream == "base"
-    if _fast_batch_norm_ok(module, x):
-        return _normalise(module, x, update_stats=update, out=_reuse_or_none(x, pert))
-    if update:
-        return module(x)
-    use_batch_stats = module.training or module.running_mean is None
-    return nn.functional.batch_norm(
-        x, None if use_batch_stats else module.running_mean, None if use_batch_stats else module.running_var,
-        module.weight, module.bias, training=use_batch_stats, momentum=0.0, eps=module.eps)
 
 
 def _seeded_dropout(module: nn.Dropout, x: torch.Tensor, seed: int, name: str) -> torch.Tensor:
