@@ -11,7 +11,7 @@ import torch
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.engine import Experiment, TrainConfig
 from heron.sfl.methods import METHODS
-from tests.sfl.runs import kill_and_resume, run_parameters
+from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
 
@@ -47,12 +47,7 @@ def test_same_seed_same_parameters_bit_identical():
 @pytest.mark.parametrize("method", ["heron", "cse-fsl", "sflv1"])
 def test_resume_after_kill_equals_uninterrupted(tmp_path, method):
     config = replace(SMALL, method=method, rounds=3)
-    full = Experiment(config, checkpoint_dir=tmp_path / "full")
-    full.run()
-    resumed, report = kill_and_resume(config, tmp_path / "killed", kill_after=2)
-    assert resumed.start_round == 2 and [r.round for r in report.rounds] == [1, 2, 3]
-    for key, value in run_parameters(full).items():
-        assert torch.equal(value, run_parameters(resumed)[key]), key
+    assert_resume_equals_uninterrupted(config, tmp_path)
 
 
 def test_mismatched_checkpoint_is_rejected(tmp_path):

@@ -27,7 +27,7 @@ from heron.sfl.replay import (
 )
 from heron.sfl.roles import Client, ClientBatches, state_bytes
 from heron.updaters import ZOUpdater
-from tests.sfl.runs import kill_and_resume, run_parameters
+from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
 
@@ -179,12 +179,7 @@ def test_engine_seeds_mode_equals_parameters_mode_with_fewer_bytes():
 
 def test_resume_in_seeds_mode_equals_uninterrupted(tmp_path):
     config = replace(SMALL, rounds=3, client_upload="seeds")
-    full = Experiment(config, checkpoint_dir=tmp_path / "full")
-    full.run()
-    resumed, report = kill_and_resume(config, tmp_path / "killed", kill_after=2)
-    assert resumed.start_round == 2 and [r.round for r in report.rounds] == [1, 2, 3]
-    for key, value in run_parameters(full).items():
-        assert torch.equal(value, run_parameters(resumed)[key]), key
+    full, resumed = assert_resume_equals_uninterrupted(config, tmp_path)
     for a, b in zip(full.replicas, resumed.replicas, strict=True):
         assert a.updater.steps == b.updater.steps
         assert all(torch.equal(x, y) for name in a.updater.state
