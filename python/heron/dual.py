@@ -453,21 +453,23 @@ def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, *, overwrite: bool) -> tor
 
 
 def _conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> Dual:
-    """A 2-D convolution in batch chunks; in place on inputs the node may overwrite when the
-    output has the input's shape; the perturbed stream with the layer's parameters perturbed in place."""
-    same_shape = _same_shape_conv(module, x.base)
-
-    def one(t: torch.Tensor, may_overwrite: bool = True) -> torch.Tensor:
-        overwrite = may_overwrite and same_shape and pert.can_reuse(t) and t.is_contiguous()
-        return _conv_chunked(module, t, overwrite=overwrite)
-
+    """A 2-D convolution on both streams (_conv_stream); the perturbed stream with the layer's
+    parameters perturbed in place."""
     if not trainable:
-        return Dual(one(x.base)) if x.pert is None else Dual(one(x.base), one(x.pert))
-    base = one(x.base, may_overwrite=x.pert is not None)
+        return Dual(_conv_stream(module, x.base, pert)) if x.pert is None else \
+            Dual(_conv_stream(module, x.base, pert), _conv_stream(module, x.pert, pert))
+    base = _conv_stream(module, x.base, pert, may_overwrite=x.pert is not None)
     _release_bases(x, pert)
     with _PerturbedInPlace(trainable, pert):
-        pert_out = one(x.pert_or_base)
+        pert_out = _conv_stream(module, x.pert_or_base, pert)
     return Dual(base, pert_out)
+
+
+def _conv_stream(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, may_overwrite: bool = True) -> torch.Tensor:
+    """One stream through the convolution in batch chunks, written over x when the output has x's
+    shape and the node may overwrite x."""
+    overwrite = may_overwrite and _same_shape_conv(module, x) and pert.can_reuse(x) and x.is_contiguous()
+    return _conv_chunked(module, x, overwrite=overwrite)
 
 
 def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
@@ -484,8 +486,7 @@ def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict,
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
             return Dual(_batch_norm_stream(module, x.base, update_stats=pert.stream == "base", pert=pert))
         if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
-            overwrite = _same_shape_conv(module, x.base) and pert.can_reuse(x.base) and x.base.is_contiguous()
-            return Dual(_conv_chunked(module, x.base, overwrite=overwrite))
+            return Dual(_conv_stream(module, x.base, pert))
         return Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
 
 
