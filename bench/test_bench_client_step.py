@@ -1,6 +1,6 @@
 """One client step, same model and batch, updaters side by side in one run: the fused ZO step
 (dual and sequential schedules) against the MeZO-style in-place ZO step and the first-order
-step (backprop + Adam, CSE-FSL's client). Rows hold peak memory, FLOPs and median time of each,
+step (backprop + Adam, CSE-FSL's client), timed steps interleaved. Rows hold peak memory, FLOPs and median time of each,
 and the ZO/FO and ZO/MeZO ratios (issue 4's targets: memory <= 0.30x FO, FLOPs <= 0.67x FO,
 time <= 0.7x FO on CPU and >= 1.5x faster than MeZO).
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from heron.configs import build_config, build_updater
-from heron.profile import profile_step
+from heron.profile import profile_steps
 
 pytestmark = pytest.mark.bench
 
@@ -30,11 +30,8 @@ def test_client_step_updaters(record, model):
     device = _device()
     config = build_config(model, device=device)
     repeats = 3 if model == "resnet18-paper" or device == "cuda" else 1
-    results = {}
-    for kind in UPDATERS:
-        updater = build_updater(kind, config)
-        results[kind] = profile_step(updater, config.batch, warmup=1, repeats=repeats)
-        del updater
+    results = profile_steps({kind: build_updater(kind, config) for kind in UPDATERS}, config.batch, warmup=1,
+                            repeats=repeats)
     fo, mezo = results["fo"], results["mezo"]
     for kind, r in results.items():
         record("client_step", model=model, device=device, updater=kind, peak_memory_bytes=r.peak_memory_bytes,

@@ -1,13 +1,15 @@
 // Perturbed linear layers: plain ATen GEMMs (MKL) into column blocks of the outputs, the direction
 // generated tile by tile into a reusable float32 buffer of at most linear_tile_bytes().
 //
-// Work split: the output columns (= weight rows) are cut into fixed row blocks of the weight, and
-// each block is one task run by one thread, whose GEMMs run single-threaded (SequentialBlas).
-// The partition depends only on the shapes and the tile budget, so results are bit-identical for
-// any thread count (MKL's own multi-threaded GEMM is not). Inside a block, the K axis is cut into
-// tiles of the buffer's width; every sum is float32.
+// Work split: every task runs on one thread, its GEMMs single-threaded (SequentialBlas), and the
+// partition depends only on the shapes and the tile budget, so results are bit-identical for any
+// thread count (MKL's own multi-threaded GEMM is not). Every sum is float32.
+//   * Frozen products x W^T + b (the base stream; both streams for low rank and LoRA): a grid of
+//     output tiles of up to 1024 x 1024, one GEMM per tile and stream, then the tile's rank-r terms.
+//   * The perturbed product of a full direction: fixed row blocks of the weight, each swept in K
+//     tiles of the buffer's width, so Z is generated once per weight element.
 //
-// Peak extra memory beyond the two (M, N) outputs, in bytes (T = linear_tile_bytes(), 1 MiB by
+// Peak extra memory beyond the two (M, N) outputs, in bytes (T = linear_tile_bytes(), 2 MiB by
 // default, P = threads; r = rank):
 //   float32 inputs
 //     full (shared input or two inputs)   P*T + 8N (z_b, b + mu z_b)
@@ -59,12 +61,12 @@ class SequentialBlas {
   int previous_;
 };
 
-std::atomic<int64_t> g_tile_bytes{int64_t{1} << 20};
+std::atomic<int64_t> g_tile_bytes{int64_t{2} << 20};
 
 // Rows of x per task of the skinny (M, K) x (K, r) products.
 constexpr int64_t kRowsPerTask = 256;
 // A weight row block has at most this many rows (the width of each GEMM call)...
-constexpr int64_t kMaxBlockRows = 256;
+constexpr int64_t kMaxBlockRows = 512;
 // ...and layers are cut into at least this many blocks (when each keeps kMinBlockRows rows), so
 // small layers still spread over the threads.
 constexpr int64_t kMinBlocks = 8;
@@ -87,6 +89,39 @@ Partition partition(int64_t n, int64_t k) {
   const int64_t blocks = n == 0 ? 0 : (n + rows - 1) / rows;
   if (blocks > 0) rows = (n + blocks - 1) / blocks;
   return {n, k, rows, cols, blocks};
+}
+
+// Output tiles of the frozen products are at most kMaxTile x kMaxTile: MKL's single-threaded GEMM
+// on a 1024 x 1024 output tile runs at ~97% of its whole-matrix speed, on a 128-column block at ~72%.
+// They are halved (the longer side first, never below kMinTile) until there are kMinBlocks tasks.
+constexpr int64_t kMaxTile = 1024;
+constexpr int64_t kMinTile = 64;
+
+struct Grid {
+  int64_t m, n;
+  int64_t tile_m, tile_n;    // tile sizes (the last tile of each axis may be shorter)
+  int64_t tiles_m, tiles_n;  // tiles per axis
+};
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+Grid output_grid(int64_t m, int64_t n) {
+  if (m == 0 || n == 0) return {m, n, 1, 1, 0, 0};
+  int64_t tile_m = std::max<int64_t>(1, std::min(m, kMaxTile)), tile_n = std::max<int64_t>(1, std::min(n, kMaxTile));
+  while (ceil_div(m, tile_m) * ceil_div(n, tile_n) < kMinBlocks) {
+    if (tile_m >= tile_n && tile_m >= 2 * kMinTile) {
+      tile_m = ceil_div(tile_m, 2);
+    } else if (tile_n >= 2 * kMinTile) {
+      tile_n = ceil_div(tile_n, 2);
+    } else if (tile_m >= 2 * kMinTile) {
+      tile_m = ceil_div(tile_m, 2);
+    } else {
+      break;
+    }
+  }
+  // Even out the tiles: the same count per axis, sizes differing by at most one.
+  const int64_t tiles_m = ceil_div(m, tile_m), tiles_n = ceil_div(n, tile_n);
+  return {m, n, ceil_div(m, tiles_m), ceil_div(n, tiles_n), tiles_m, tiles_n};
 }
 
 // Calls body(n0, rows, buffer) for every row block, blocks spread over the threads; `buffer` is a
@@ -180,7 +215,7 @@ at::Tensor skinny_product(const at::Tensor& x, const at::Tensor& mat) {
   return out;
 }
 
-// The output column block n0..n0+rows initialised to `row` (N,) broadcast, or zeros.
+// An output piece whose columns are n0.. of the (M, N) output, set to `row` (N,) broadcast, or zeros.
 void init_columns(at::Tensor& y_cols, const std::optional<at::Tensor>& row, int64_t n0) {
   if (row.has_value()) {
     y_cols.copy_(row->narrow(0, n0, y_cols.size(1)).unsqueeze(0).expand_as(y_cols));
@@ -189,32 +224,51 @@ void init_columns(at::Tensor& y_cols, const std::optional<at::Tensor>& row, int6
   }
 }
 
-// One stream's frozen product over a column block: y_cols = x_f @ W[n0:n0+rows]^T + bias[n0:...].
+// One stream of a frozen product: y = x_f @ W^T + bias.
 struct FrozenStream {
   const at::Tensor* x_f;                 // (M, K) float32
   at::Tensor* y;                         // (M, N) float32 output
   const std::optional<at::Tensor>* bias; // (N,) float32 or none
 };
 
-// The frozen products of one or two streams over a block: a float32 weight block goes to the
-// GEMM as it is (one call); a low-precision one is converted tile by tile (once for both streams).
-void frozen_block(const Partition& p, const at::Tensor& weight, int64_t n0, int64_t rows, at::Tensor& buffer,
-                  const FrozenStream& first, const FrozenStream* second) {
+// The frozen products of one or two streams over the output grid:
+// y_s[tile] = x_s[tile rows] @ W[tile cols]^T + bias_s[tile cols], then
+// epilogue(m0, m_rows, n0, n_cols) on the same thread (the tile's rank-r terms). A float32 weight
+// goes to the GEMM as it is; a low-precision one is converted in K tiles of the buffer's budget
+// (once for both streams).
+template <typename Epilogue>
+void frozen_products(const at::Tensor& weight, const FrozenStream& first, const FrozenStream* second,
+                     Epilogue epilogue) {
   const int64_t count = second == nullptr ? 1 : 2;
   const FrozenStream* streams[2] = {&first, second};
-  at::Tensor cols[2];
-  for (int64_t s = 0; s < count; ++s) {
-    cols[s] = streams[s]->y->narrow(1, n0, rows);
-    init_columns(cols[s], *streams[s]->bias, n0);
-  }
-  if (weight.scalar_type() == at::kFloat) {
-    const at::Tensor w_block = weight.narrow(0, n0, rows);
-    for (int64_t s = 0; s < count; ++s) cols[s].addmm_(*streams[s]->x_f, w_block.t());
-    return;
-  }
-  for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
-    load_weight_tile(tile, weight, n0, k0);
-    for (int64_t s = 0; s < count; ++s) add_tile_product(cols[s], *streams[s]->x_f, tile, k0, 1.0);
+  const int64_t k = weight.size(1);
+  const Grid g = output_grid(first.x_f->size(0), weight.size(0));
+  const bool convert = weight.scalar_type() != at::kFloat;
+  const int64_t budget = std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
+  const Partition k_tiles{g.n, k, g.tile_n, std::max<int64_t>(1, std::min(k, budget / g.tile_n)), 0};
+  at::parallel_for(0, g.tiles_m * g.tiles_n, 1, [&](int64_t first_task, int64_t last_task) {
+    const SequentialBlas sequential;
+    at::Tensor buffer = convert ? at::empty({k_tiles.rows * k_tiles.cols}, at::kFloat) : at::Tensor();
+    for (int64_t task = first_task; task < last_task; ++task) {
+      const int64_t m0 = (task / g.tiles_n) * g.tile_m, n0 = (task % g.tiles_n) * g.tile_n;
+      const int64_t m_rows = std::min(g.tile_m, g.m - m0), n_cols = std::min(g.tile_n, g.n - n0);
+      at::Tensor tiles[2], x_rows[2];
+      for (int64_t s = 0; s < count; ++s) {
+        tiles[s] = streams[s]->y->narrow(0, m0, m_rows).narrow(1, n0, n_cols);
+        x_rows[s] = streams[s]->x_f->narrow(0, m0, m_rows);
+        init_columns(tiles[s], *streams[s]->bias, n0);
+      }
+      if (convert) {
+        for_each_k_tile(k_tiles, n_cols, buffer, [&](int64_t k0, at::Tensor& tile) {
+          load_weight_tile(tile, weight, n0, k0);
+          for (int64_t s = 0; s < count; ++s) add_tile_product(tiles[s], x_rows[s], tile, k0, 1.0);
+        });
+      } else {
+        const at::Tensor w_block = weight.narrow(0, n0, n_cols);
+        for (int64_t s = 0; s < count; ++s) tiles[s].addmm_(x_rows[s], w_block.t());
+      }
+      epilogue(m0, m_rows, n0, n_cols);
+    }
   });
 }
 
@@ -230,24 +284,29 @@ struct FullProblem {
   float mu;
 };
 
-// Shared input, one block: y_pert = y_base + mu z_b + mu * x Z^T, Z generated tile by tile.
-void shared_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_base, at::Tensor& y_pert, int64_t n0,
-                       int64_t rows, at::Tensor& buffer) {
-  frozen_block(p, f.weight, n0, rows, buffer, FrozenStream{&f.x_f, &y_base, &f.bias_f}, nullptr);
+// The perturbed stream's first term over the tile (m0.., n0..): with a shared input, the base
+// tile plus mu z_b (the full and low-rank paths; the frozen product is computed once).
+void copy_base_tile(const FullProblem& f, const at::Tensor& y_base, at::Tensor& y_pert, int64_t m0, int64_t m_rows,
+                    int64_t n0, int64_t n_cols) {
+  at::Tensor pert_tile = y_pert.narrow(0, m0, m_rows).narrow(1, n0, n_cols);
+  pert_tile.copy_(y_base.narrow(0, m0, m_rows).narrow(1, n0, n_cols));
+  if (f.z_b.has_value()) pert_tile.add_(f.z_b->narrow(0, n0, n_cols), f.mu);
+}
+
+// Shared input, one row block: y_pert += mu * x Z^T, Z generated tile by tile.
+void shared_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows,
+                       at::Tensor& buffer) {
   at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
-  pert_cols.copy_(y_base.narrow(1, n0, rows));
-  if (f.z_b.has_value()) pert_cols.add_(f.z_b->narrow(0, n0, rows), f.mu);
   for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
     fill_direction(tile, f.key.seed, f.key.weight_offset, p.k, n0, k0, 1.0f, nullptr, 0);
     add_tile_product(pert_cols, f.x_f, tile, k0, f.mu);
   });
 }
 
-// Two inputs, one block: y_pert = (b + mu z_b) + x_pert (W + mu Z)^T, each tile of W + mu Z
+// Two inputs, one row block: y_pert = (b + mu z_b) + x_pert (W + mu Z)^T, each tile of W + mu Z
 // built in the buffer (float32 W read in place; a low-precision tile converted, perturbed in place).
-void two_input_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_base, at::Tensor& y_pert,
-                          int64_t n0, int64_t rows, at::Tensor& buffer) {
-  frozen_block(p, f.weight, n0, rows, buffer, FrozenStream{&f.x_f, &y_base, &f.bias_f}, nullptr);
+void two_input_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows,
+                          at::Tensor& buffer) {
   at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
   init_columns(pert_cols, f.b_pert, n0);
   const bool float_weight = f.weight.scalar_type() == at::kFloat;
@@ -270,12 +329,17 @@ void two_input_full_block(const Partition& p, const FullProblem& f, at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> full_linear(const FullProblem& f) {
   const int64_t m = f.x_f.size(0), n = f.weight.size(0);
   at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
+  const bool shared = !f.x_pert_f.has_value();
+  frozen_products(f.weight, FrozenStream{&f.x_f, &y_base, &f.bias_f}, nullptr,
+                  [&](int64_t m0, int64_t m_rows, int64_t n0, int64_t n_cols) {
+                    if (shared) copy_base_tile(f, y_base, y_pert, m0, m_rows, n0, n_cols);
+                  });
   const Partition p = partition(n, f.weight.size(1));
   for_each_block(p, /*with_buffer=*/true, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
-    if (f.x_pert_f.has_value()) {
-      two_input_full_block(p, f, y_base, y_pert, n0, rows, buffer);
+    if (shared) {
+      shared_full_block(p, f, y_pert, n0, rows, buffer);
     } else {
-      shared_full_block(p, f, y_base, y_pert, n0, rows, buffer);
+      two_input_full_block(p, f, y_pert, n0, rows, buffer);
     }
   });
   return {y_base, y_pert};
@@ -290,20 +354,12 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear(const FullProblem& f) {
   const at::Tensor xv = skinny_product(x_pert_f, v);                              // (M, r)
   const double alpha = static_cast<double>(f.mu) / std::sqrt(static_cast<double>(f.key.rank));
   at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
-  const Partition p = partition(n, k);
-  const bool convert_weight = f.weight.scalar_type() != at::kFloat;
-  for_each_block(p, convert_weight, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
-    at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
-    const FrozenStream base{&f.x_f, &y_base, &f.bias_f};
-    if (f.x_pert_f.has_value()) {
-      const FrozenStream pert{&x_pert_f, &y_pert, &f.b_pert};
-      frozen_block(p, f.weight, n0, rows, buffer, base, &pert);
-    } else {
-      frozen_block(p, f.weight, n0, rows, buffer, base, nullptr);
-      pert_cols.copy_(y_base.narrow(1, n0, rows));
-      if (f.z_b.has_value()) pert_cols.add_(f.z_b->narrow(0, n0, rows), f.mu);
-    }
-    pert_cols.addmm_(xv, u.narrow(0, n0, rows).t(), 1.0, alpha);
+  const bool shared = !f.x_pert_f.has_value();
+  const FrozenStream base{&f.x_f, &y_base, &f.bias_f}, pert{&x_pert_f, &y_pert, &f.b_pert};
+  frozen_products(f.weight, base, shared ? nullptr : &pert, [&](int64_t m0, int64_t m_rows, int64_t n0, int64_t n_cols) {
+    if (shared) copy_base_tile(f, y_base, y_pert, m0, m_rows, n0, n_cols);
+    y_pert.narrow(0, m0, m_rows).narrow(1, n0, n_cols).addmm_(xv.narrow(0, m0, m_rows), u.narrow(0, n0, n_cols).t(),
+                                                                1.0, alpha);
   });
   return {y_base, y_pert};
 }
@@ -347,21 +403,15 @@ std::tuple<at::Tensor, at::Tensor> lora_perturbed_linear(const at::Tensor& x_bas
   const at::Tensor xa_pert = skinny_product(x_pert_or_x, a_pert.t());  // (M, r)
   const int64_t m = x_f.size(0), n = weight.size(0);
   at::Tensor y_base = at::empty({m, n}, at::kFloat), y_pert = at::empty({m, n}, at::kFloat);
-  const Partition p = partition(n, weight.size(1));
-  const bool convert_weight = weight.scalar_type() != at::kFloat;
-  for_each_block(p, convert_weight, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
-    at::Tensor base_cols = y_base.narrow(1, n0, rows), pert_cols = y_pert.narrow(1, n0, rows);
-    const FrozenStream base{&x_f, &y_base, &bias_f};
-    // The frozen x W^T + b is computed once when both streams share x.
-    if (x_pert_f.has_value()) {
-      const FrozenStream pert{&*x_pert_f, &y_pert, &bias_f};
-      frozen_block(p, weight, n0, rows, buffer, base, &pert);
-    } else {
-      frozen_block(p, weight, n0, rows, buffer, base, nullptr);
-      pert_cols.copy_(base_cols);
-    }
-    base_cols.addmm_(xa, b.narrow(0, n0, rows).t(), 1.0, scale);
-    pert_cols.addmm_(xa_pert, b_pert.narrow(0, n0, rows).t(), 1.0, scale);
+  // The frozen x W^T + b is computed once when both streams share x.
+  const bool shared = !x_pert_f.has_value();
+  const FrozenStream base{&x_f, &y_base, &bias_f}, pert{&x_pert_or_x, &y_pert, &bias_f};
+  frozen_products(weight, base, shared ? nullptr : &pert, [&](int64_t m0, int64_t m_rows, int64_t n0, int64_t n_cols) {
+    at::Tensor base_tile = y_base.narrow(0, m0, m_rows).narrow(1, n0, n_cols);
+    at::Tensor pert_tile = y_pert.narrow(0, m0, m_rows).narrow(1, n0, n_cols);
+    if (shared) pert_tile.copy_(base_tile);
+    base_tile.addmm_(xa.narrow(0, m0, m_rows), b.narrow(0, n0, n_cols).t(), 1.0, scale);
+    pert_tile.addmm_(xa_pert.narrow(0, m0, m_rows), b_pert.narrow(0, n0, n_cols).t(), 1.0, scale);
   });
   return {to_dtype(y_base, x_base.scalar_type()), to_dtype(y_pert, x_base.scalar_type())};
 }

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> lora_perturbed_linear(const at::Tensor& x_bas
                                                          const at::Tensor& lora_a, const at::Tensor& lora_b,
                                                          double scale, const LoraKey& key, double mu);
 
-// The tile budget in bytes (default 1 MiB); the setter returns the previous value (for tests).
+// The tile budget in bytes (default 2 MiB); the setter returns the previous value (for tests).
 int64_t linear_tile_bytes();
 int64_t set_linear_tile_bytes(int64_t bytes);
 

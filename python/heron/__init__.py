@@ -5,7 +5,7 @@ from heron import functional
 from heron.backends import BackendUnavailableError
 from heron.backends import available as available_backends
 from heron.nn import LoRALinear, PerturbedLinear
-from heron.profile import StepProfile, profile_step
+from heron.profile import StepProfile, profile_step, profile_steps
 from heron.stream import ParameterLayout, derive_seed, philox_words, seeded_randn
 from heron.updaters import FOUpdater, MeZOUpdater, StepResult, ZOUpdater
 
@@ -19,6 +19,7 @@ __all__ = [
     "StepResult",
     "ZOUpdater",
     "profile_step",
+    "profile_steps",
     "LoRALinear",
     "PerturbedLinear",
     "ParameterLayout",

@@ -167,7 +167,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, che
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from heron.configs import build_config, build_updater
-    from heron.profile import profile_step
+    from heron.profile import profile_steps
 
     kinds = [k.strip() for k in args.updaters.split(",") if k.strip()]
     overrides = {} if args.backend is None else {"backend": args.backend}
@@ -176,12 +176,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         config_kwargs["batch_size"] = args.batch
     config = build_config(args.model, **config_kwargs)
     print(f"{config.name}: {config.description} on {args.device}")
-    results = {}
-    for kind in kinds:
-        updater = build_updater(kind, config, **(overrides if kind.startswith("zo") else {}))
-        print(f"  profiling {kind} ...", flush=True)
-        results[kind] = profile_step(updater, config.batch, warmup=args.warmup, repeats=args.repeats).as_dict()
-        del updater
+    updaters = {kind: build_updater(kind, config, **(overrides if kind.startswith("zo") else {})) for kind in kinds}
+    print(f"  profiling {', '.join(kinds)} (timed steps interleaved) ...", flush=True)
+    profiles = profile_steps(updaters, config.batch, warmup=args.warmup, repeats=args.repeats)
+    results = {kind: profile.as_dict() for kind, profile in profiles.items()}
+    del updaters, profiles
     print(f"{'updater':<8} {'peak memory MB':>15} {'GFLOPs/step':>12} {'time s':>8}")
     for kind, r in results.items():
         print(f"{kind:<8} {r['peak_memory_bytes'] / 1e6:15.1f} {r['flops'] / 1e9:12.2f} {r['time_s']:8.3f}")

@@ -6,6 +6,10 @@ the updater's optimizer state, the batch) + the peak of tensor memory allocated 
 flops: torch.utils.flop_counter over the step, heron's fused ops counted by their registered
 formulas. time_s: the median wall time of `repeats` steps. Measurements run on a deep copy of the
 updater after `warmup` steps, so the caller's model is not touched.
+
+`profile_steps` compares several updaters on one batch: their timed steps run in interleaved rounds
+(one step of each in turn), so drift in the machine's speed during the run (clock, other load, the
+allocator's state) falls on all of them alike instead of on whichever ran last.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,24 +71,44 @@ def _device(updater: Any) -> torch.device:
     return next(updater.model.parameters()).device
 
 
-def profile_step(updater: Any, batch: Any, *, warmup: int = 1, repeats: int = 3) -> StepProfile:
-    """Profile one step of `updater` on `batch` (on a copy; see the module docstring)."""
-    work = copy.deepcopy(updater)
+def _timed_step(work: Any, batch: Any, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    work.step(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _memory_and_flops(work: Any, batch: Any, time_s: float) -> StepProfile:
     device = _device(work)
-    for _ in range(warmup):
-        work.step(batch)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        work.step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
     with FlopCounterMode(display=False) as counter:
         work.step(batch)
     resident = _resident_bytes(work, batch)
     _, step_peak = peak_memory(lambda: work.step(batch), device)
     return StepProfile(peak_memory_bytes=resident + step_peak, step_peak_bytes=step_peak, resident_bytes=resident,
-                       flops=int(counter.get_total_flops()), time_s=statistics.median(times))
+                       flops=int(counter.get_total_flops()), time_s=time_s)
+
+
+def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1,
+                  repeats: int = 3) -> dict[str, StepProfile]:
+    """Profile every updater of `updaters` (name -> updater) on `batch`, side by side: `warmup`
+    steps each, then `repeats` rounds of one timed step per updater in turn, then each one's FLOPs
+    and peak memory. Runs on copies; returns name -> StepProfile in the mapping's order."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    works = {name: copy.deepcopy(updater) for name, updater in updaters.items()}
+    for work in works.values():
+        for _ in range(warmup):
+            work.step(batch)
+    times: dict[str, list[float]] = {name: [] for name in works}
+    for _ in range(repeats):
+        for name, work in works.items():
+            times[name].append(_timed_step(work, batch, _device(work)))
+    return {name: _memory_and_flops(work, batch, statistics.median(times[name])) for name, work in works.items()}
+
+
+def profile_step(updater: Any, batch: Any, *, warmup: int = 1, repeats: int = 3) -> StepProfile:
+    """Profile one step of `updater` on `batch` (on a copy; see the module docstring)."""
+    return profile_steps({"updater": updater}, batch, warmup=warmup, repeats=repeats)["updater"]

@@ -34,7 +34,7 @@ MU = 1e-2
 LOWRANK_KEYS = dict(u_seed=U_SEED, u_offset=U_OFFSET, v_offset=V_OFFSET)
 # (M, K, N): each of 1, 3, 17, 97, 1025 appears as M, as K and as N.
 LINEAR_SHAPES = [(1, 1, 1), (3, 17, 97), (17, 97, 3), (97, 3, 17), (1025, 97, 17), (17, 1025, 97), (3, 97, 1025)]
-LOWRANK_SHAPES = [(17, 97, 33), (97, 1025, 17), (3, 17, 1025)]
+LOWRANK_SHAPES = [(17, 97, 33), (97, 1025, 17), (3, 17, 1025), (1025, 33, 17)]
 RANKS = [1, 4, 8]
 
 
@@ -223,14 +223,14 @@ def test_lora_perturbed_linear(shape, rank, dtype, bias, shared):
 # The tile buffer is bounded: layers larger than the budget still match
 # ---------------------------------------------------------------------------------------------
 
-def test_default_tile_budget_is_one_mib():
-    assert C._linear_tile_bytes_cpu() == 2**20
+def test_default_tile_budget_is_two_mib():
+    assert C._linear_tile_bytes_cpu() == 2 * 2**20
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_larger_than_default_tile_budget(dtype, shared):
-    m, k, n = 5, 1025, 300  # N*K*4 = 1.23 MB > 1 MiB: several tiles per block
+    m, k, n = 5, 2049, 300  # N*K*4 = 2.46 MB > 2 MiB: several tiles per block
     assert n * k * 4 > C._linear_tile_bytes_cpu()
     x, x_pert, weight, b = _linear_inputs(m, k, n, dtype, True)
     x_pert = None if shared else x_pert
@@ -392,22 +392,23 @@ def test_update_with_no_directions_is_weight_decay_only():
 # ---------------------------------------------------------------------------------------------
 
 def _run_every_launcher():
-    """Outputs of every launcher on shapes large enough to split over threads (8+ row blocks,
-    updates above the parallel grain), as a list of tensors."""
+    """Outputs of every launcher on shapes large enough to split over threads (8+ row blocks or
+    output tiles, in columns and in rows; updates above the parallel grain), as a list of tensors."""
     gen = torch.Generator().manual_seed(1)
     outputs = []
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(97, 1025, generator=gen).to(dtype)
-        x_pert = torch.randn(97, 1025, generator=gen).to(dtype)
-        weight = (torch.randn(300, 1025, generator=gen) / 32).to(dtype)
-        b = torch.randn(300, generator=gen).to(dtype)
-        lora_a, lora_b = torch.randn(8, 1025, generator=gen).to(dtype), torch.randn(300, 8, generator=gen).to(dtype)
-        key = dict(seed=SEED, weight_offset=WEIGHT_OFFSET, bias_offset=BIAS_OFFSET, mu=MU)
-        for xp in (None, x_pert):
-            outputs += C.perturbed_linear_cpu(x, xp, weight, b, **key)
-            outputs += C.perturbed_linear_cpu(x, xp, weight, b, **key, rank=4, **LOWRANK_KEYS)
-            outputs += C.lora_perturbed_linear_cpu(x, xp, weight, b, lora_a, lora_b, scale=0.5, seed=SEED,
-                                                   a_offset=1, b_offset=2, mu=MU)
+        for m, k, n in ((97, 1025, 300), (1100, 65, 40)):
+            x = torch.randn(m, k, generator=gen).to(dtype)
+            x_pert = torch.randn(m, k, generator=gen).to(dtype)
+            weight = (torch.randn(n, k, generator=gen) / 32).to(dtype)
+            b = torch.randn(n, generator=gen).to(dtype)
+            lora_a, lora_b = torch.randn(8, k, generator=gen).to(dtype), torch.randn(n, 8, generator=gen).to(dtype)
+            key = dict(seed=SEED, weight_offset=WEIGHT_OFFSET, bias_offset=BIAS_OFFSET, mu=MU)
+            for xp in (None, x_pert):
+                outputs += C.perturbed_linear_cpu(x, xp, weight, b, **key)
+                outputs += C.perturbed_linear_cpu(x, xp, weight, b, **key, rank=4, **LOWRANK_KEYS)
+                outputs += C.lora_perturbed_linear_cpu(x, xp, weight, b, lora_a, lora_b, scale=0.5, seed=SEED,
+                                                       a_offset=1, b_offset=2, mu=MU)
         seeds, grads = _seeds_grads(3)
         for rank in (0, 4):
             extra = {} if rank == 0 else dict(rank=rank, **LOWRANK_KEYS)
