@@ -204,6 +204,17 @@ def test_flop_counter_counts_fused_ops():
     assert counter.get_total_flops() == 2 * 8 * 4 * 16 + 2 * (2 * 8 * 16 * 2 + 2 * 8 * 2 * 4)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])
+def test_flop_counter_counts_lowrank_linear(shared):
+    """Low rank: the frozen product once per distinct input, plus (x_pert V) U^T."""
+    x, w = torch.randn(8, 16), torch.randn(4, 16)
+    x_pert = None if shared else torch.randn(8, 16)
+    with FlopCounterMode(display=False) as counter:
+        HF.lowrank_perturbed_linear(x, w, seed=1, rank=2, mu=1e-3, x_pert=x_pert)
+    frozen = 2 * 8 * 4 * 16 * (1 if shared else 2)
+    assert counter.get_total_flops() == frozen + 2 * 8 * 16 * 2 + 2 * 8 * 2 * 4
+
+
 def test_compiled_dual_forward_matches_eager():
     layer = heron.PerturbedLinear(12, 5)
     x = torch.randn(4, 12)

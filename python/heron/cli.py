@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
     prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])
     prof.add_argument("--updaters", default="zo,zo-seq,fo,mezo",
-                      help="comma-separated from zo, zo-seq (the sequential schedule), fo, mezo")
+                      help="comma-separated from zo, zo-seq (the sequential schedule), zo-lowrank (rank-8 "
+                           "directions on Linear/Conv2d weights), fo, mezo")
     prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prof.add_argument("--batch", type=int, default=None, help="batch size (default: the paper's)")
     prof.add_argument("--backend", default=None, help="kernel backend for the zo updater")

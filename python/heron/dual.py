@@ -23,6 +23,7 @@ while it runs and no statistics update, the base pass as the module would run.
 
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 import zlib
@@ -36,7 +37,7 @@ from torch import nn
 
 from heron import functional as HF
 from heron.nn import LoRALinear, PerturbedLinear
-from heron.stream import ParameterLayout
+from heron.stream import ParameterLayout, seeded_randn
 
 
 @dataclass
@@ -274,8 +275,34 @@ def dual_module_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pe
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
         return _batch_norm(module, name, args[0], pert)
     if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(args[0].base, 4):
+        if pert.lowrank_rank and lowrank_eligible(module) and f"{name}.weight" in layout:
+            return _lowrank_conv(module, name, trainable, args[0], pert)
         return _conv(module, trainable, args[0], pert)
     return _in_place(module, trainable, args, kwargs, pert)
+
+
+def lowrank_eligible(module: nn.Module) -> bool:
+    """Whether perturbation="lowrank" gives this module's weight a low-rank direction: Linear
+    weights (out, in), and ungrouped Conv2d weights (out, in, kh, kw) as (out, in*kh*kw) matrices."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def _weight_route_cheaper(m: int, n: int, k: int) -> bool:
+    """For a low-rank direction with two inputs x_pert (M, K) and W (N, K): whether W + alpha U V^T
+    (2 N K r FLOPs) costs less than (x_pert V) U^T (2 M r (K + N))."""
+    return n * k < m * (k + n)
+
+
+def _lowrank_factors(weight: torch.Tensor, name: str, pert: Perturbation) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """U (out, r), V (fan_in, r) of the low-rank direction of `weight` (its (out, fan_in) matrix
+    view) keyed as functional.lowrank_perturbed_linear keys them, in the weight's dtype, and
+    alpha = scale / sqrt(r): the perturbation is alpha * U @ V.T."""
+    out_features, fan_in = weight.shape[0], weight[0].numel()
+    rank = min(pert.lowrank_rank, out_features, fan_in)
+    u_offset, v_offset = HF.lowrank_offsets(pert.layout.offset(f"{name}.weight"), out_features, rank)
+    u = seeded_randn((out_features, rank), pert.u_seed, u_offset, device=weight.device, dtype=weight.dtype)
+    v = seeded_randn((fan_in, rank), pert.seed, v_offset, device=weight.device, dtype=weight.dtype)
+    return u, v, pert.scale / math.sqrt(rank)
 
 
 def _linear(module: nn.Linear, name: str, x: Dual, pert: Perturbation) -> Dual:
@@ -284,6 +311,18 @@ def _linear(module: nn.Linear, name: str, x: Dual, pert: Perturbation) -> Dual:
     bias = module.bias if bias_trainable else None
     weight_offset = layout.offset(f"{name}.weight")
     bias_offset = layout.offset(f"{name}.bias") if bias_trainable else None
+    rows = x.base.numel() // max(x.base.shape[-1], 1)
+    if pert.lowrank_rank and x.pert is not None and _weight_route_cheaper(rows, *module.weight.shape):
+        # x_pert @ (W + alpha U V^T).T: forming the perturbed weight (2 N K r FLOPs) costs less than
+        # the fused kernel's (x_pert V) U^T (2 M r (K + N)) when the batch is wide and the layer narrow
+        u, v, alpha = _lowrank_factors(module.weight, name, pert)
+        w_pert = torch.addmm(module.weight, u, v.t(), alpha=alpha)
+        b_pert = None if module.bias is None else module.bias
+        if bias_trainable:
+            b_pert = module.bias + pert.scale * seeded_randn(module.bias.shape[0], pert.seed, bias_offset,
+                                                             device=module.bias.device, dtype=module.bias.dtype)
+        return Dual(nn.functional.linear(x.base, module.weight, module.bias),
+                    nn.functional.linear(x.pert, w_pert, b_pert))
     if pert.lowrank_rank:
         rank = min(pert.lowrank_rank, *module.weight.shape)
         y_base, y_pert = HF.lowrank_perturbed_linear(
@@ -301,15 +340,22 @@ def _linear(module: nn.Linear, name: str, x: Dual, pert: Perturbation) -> Dual:
 class _PerturbedInPlace:
     """Context: the listed parameters hold theta + scale * z inside, their exact old values after."""
 
-    def __init__(self, trainable: list[tuple[str, nn.Parameter]], pert: Perturbation):
-        self.trainable, self.pert = trainable, pert
+    def __init__(self, trainable: list[tuple[str, nn.Parameter]], pert: Perturbation,
+                 lowrank: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None):
+        """lowrank: name -> (U, V, alpha) for weights perturbed by alpha * U V^T on their
+        (out, -1) matrix view instead of their full direction."""
+        self.trainable, self.pert, self.lowrank = trainable, pert, lowrank or {}
         self.saved: list[torch.Tensor] = []
 
     def __enter__(self):
         for name, p in self.trainable:
             self.saved.append(p.detach().clone())
-            HF.perturb_(p.data, self.pert.seed, alpha=self.pert.scale, offset=self.pert.layout.offset(name),
-                        backend=self.pert.backend)
+            if name in self.lowrank:
+                u, v, alpha = self.lowrank[name]
+                p.data.view(p.shape[0], -1).addmm_(u, v.t(), alpha=alpha)
+            else:
+                HF.perturb_(p.data, self.pert.seed, alpha=self.pert.scale, offset=self.pert.layout.offset(name),
+                            backend=self.pert.backend)
         return self
 
     def __exit__(self, *exc):
@@ -433,14 +479,19 @@ def _same_shape_conv(module: nn.Conv2d, x: Any) -> bool:
     return True
 
 
+def _chunk_samples(module: nn.Conv2d, x: torch.Tensor) -> int:
+    """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger side."""
+    per_sample_in = x[0].numel() * x.element_size()
+    per_sample = max(1, per_sample_in, per_sample_in * module.out_channels // max(module.in_channels, 1))
+    return max(1, _CONV_CHUNK_BYTES // per_sample)
+
+
 def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, *, overwrite: bool) -> torch.Tensor:
     """module(x) for x (N, C, H, W), a batch chunk at a time: written over x when `overwrite` (the
     output has x's shape; samples are independent, so each chunk is read in full before it is
     overwritten), else into one output tensor. A whole-batch convolution would hold a transient
     the size of its output besides the output itself."""
-    per_sample_in = x[0].numel() * x.element_size()
-    per_sample = max(1, per_sample_in, per_sample_in * module.out_channels // max(module.in_channels, 1))
-    chunk = max(1, _CONV_CHUNK_BYTES // per_sample)
+    chunk = _chunk_samples(module, x)
     if chunk >= x.shape[0]:
         return module(x)
     out = x if overwrite else None
@@ -462,6 +513,41 @@ def _conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> Dual:
     _release_bases(x, pert)
     with _PerturbedInPlace(trainable, pert):
         pert_out = _conv_stream(module, x.pert_or_base, pert)
+    return Dual(base, pert_out)
+
+
+def _lowrank_conv(module: nn.Conv2d, name: str, trainable, x: Dual, pert: Perturbation) -> Dual:
+    """A convolution whose weight has the low-rank direction Z = U V^T / sqrt(r) of its
+    (out, in*kh*kw) matrix view, U keyed (u_seed, u_offset), V (seed, v_offset) as for Linear
+    weights (functional.lowrank_offsets); the bias keeps its full direction.
+
+    Two inputs: the weight is perturbed in place by the (out x r)(r x in*kh*kw) product and the
+    module's convolution runs once more. Shared input (the first layer): conv(x, W) is the base
+    stream's, so the perturbed stream is that plus mu / sqrt(r) * U @ conv(x, V's r filters) (+ mu z_b):
+    r / out of a convolution and an r-deep channel mix instead of a whole convolution."""
+    weight = module.weight
+    u, v, alpha = _lowrank_factors(weight, name, pert)
+    out_channels, rank = u.shape
+    weight_name = f"{name}.weight"
+    if x.pert is not None:
+        base = _conv_stream(module, x.base, pert)
+        _release_bases(x, pert)
+        with _PerturbedInPlace(trainable, pert, lowrank={weight_name: (u, v, alpha)}):
+            pert_out = _conv_stream(module, x.pert, pert)
+        return Dual(base, pert_out)
+    base = _conv_stream(module, x.base, pert, may_overwrite=False)
+    filters, mix = v.t().reshape(rank, *weight.shape[1:]), u.mul_(alpha).view(out_channels, rank, 1, 1)
+    bias_names = [n for n, _ in trainable if n == f"{name}.bias"]
+    bias_shift = None
+    if bias_names:
+        bias_shift = seeded_randn(out_channels, pert.seed, pert.layout.offset(bias_names[0]), device=weight.device,
+                                  dtype=weight.dtype).mul_(pert.scale)
+    pert_out = torch.empty_like(base)
+    chunk = _chunk_samples(module, x.base)  # no whole-batch transient, as for the module's own convolution
+    for start in range(0, x.base.shape[0], chunk):
+        projected = module._conv_forward(x.base[start:start + chunk], filters, None)  # (n, r, H', W')
+        torch.add(nn.functional.conv2d(projected, mix, bias_shift), base[start:start + chunk],
+                  out=pert_out[start:start + chunk])
     return Dual(base, pert_out)
 
 

@@ -20,12 +20,14 @@ from heron import ops as _ops  # noqa: F401 - the ops must exist before formulas
 def perturbed_linear_flops(x_shape, x_pert_shape, weight_shape, bias_shape, seed, weight_offset, bias_offset, mu,
                            rank, *args, out_shape=None, **kwargs) -> int:
     """Two (M x K) @ (K x N) products (base stream, and either x_pert @ (W + mu Z).T or, with a
-    shared input, x @ Z.T); low rank: base + x_pert @ W.T + (x_pert @ V) @ U.T."""
+    shared input, x @ Z.T); low rank: base, x_pert @ W.T unless the input is shared (the base
+    product serves both streams), and (x_pert @ V) @ U.T."""
     m, k = x_shape
     n = weight_shape[0]
     if rank == 0:
         return 2 * (2 * m * n * k)
-    return 2 * (2 * m * n * k) + 2 * m * k * rank + 2 * m * rank * n
+    frozen = 2 * m * n * k * (1 if x_pert_shape is None else 2)
+    return frozen + 2 * m * k * rank + 2 * m * rank * n
 
 
 def lora_perturbed_linear_flops(x_shape, x_pert_shape, weight_shape, bias_shape, a_shape, b_shape, *args,

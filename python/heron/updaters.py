@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from heron import functional as HF
-from heron.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, trace
+from heron.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, lowrank_eligible, trace
 from heron.stream import ParameterLayout, derive_seed, seeded_randn
 
 U_STREAM = 2**62  # index that separates the low-rank U seeds from the per-direction seeds
@@ -156,6 +156,16 @@ def _describe_inputs(inputs: tuple) -> str:
                      for x in inputs)
 
 
+def _matrix_view(name: str, param: torch.Tensor) -> torch.Tensor:
+    """The (out, in*kh*kw) view of a low-rank-perturbed weight (a conv weight's direction is that of
+    this matrix), updated in place through the view."""
+    if not param.is_contiguous():
+        raise ValueError(f"perturbation='lowrank' updates {name!r} in place through its (out, -1) matrix view, "
+                         f"which needs a contiguous tensor; got shape {tuple(param.shape)} with strides "
+                         f"{param.stride()} (e.g. channels_last): make the weight contiguous")
+    return param.view(param.shape[0], -1)
+
+
 class ZOUpdater(_Updater):
     """The fused zeroth-order client step (see the module docstring).
 
@@ -166,8 +176,9 @@ class ZOUpdater(_Updater):
         direction: "gaussian" (u ~ N(0, I); g = dL/mu * u) or "sphere" (u = z/|z|; g = d * dL/mu * u).
         optimizer: "sgd", "adam" or "adamw", fed the estimate through heron's fused seeded updates.
         params: parameters to train (names or Parameters); default all with requires_grad.
-        perturbation: "full", or "lowrank": Linear weights get Z = U V.T / sqrt(rank) directions, U
-            held for `lazy_steps` steps.
+        perturbation: "full", or "lowrank": Linear weights, and ungrouped Conv2d weights as
+            (out, in*kh*kw) matrices, get Z = U V.T / sqrt(rank) directions, U held for `lazy_steps`
+            steps; other parameters keep full directions.
         cut: name of the module whose base-stream output is returned as StepResult.smashed.
         backend: pin a kernel backend ("cpu", "triton", "cuda", "torch"); default the best.
         schedule: "dual" runs the base and perturbed streams together, every Linear/LoRA layer
@@ -214,7 +225,7 @@ class ZOUpdater(_Updater):
     def _lowrank_weight_names(self) -> set[str]:
         names = set()
         for module_name, module in self.model.named_modules():
-            if isinstance(module, nn.Linear):
+            if lowrank_eligible(module):
                 weight = f"{module_name}.weight" if module_name else "weight"
                 if weight in self.layout:
                     names.add(weight)
@@ -291,6 +302,7 @@ class ZOUpdater(_Updater):
     @torch.no_grad()
     def step(self, batch: Any) -> StepResult:
         inputs, targets = _split_batch(batch)
+        self._update_targets()  # a parameter the update cannot take fails here, before the model is touched
         step = self.steps
         seeds = self.direction_seeds(step)
         device = self.parameters()[0].device
@@ -318,23 +330,33 @@ class ZOUpdater(_Updater):
         """Apply step `step`'s update from its seeds and projected-gradient scalars (also the replay entry point)."""
         pairs = list(zip(seeds, grads, strict=True))
         u_seed = self.u_seed(step) if self.rank else None
-        named = dict(self.model.named_parameters())
-        for entry in self.layout:
-            param = named[entry.name].data
-            rank = self.rank if entry.name in self.lowrank_names else 0
-            if rank:
-                rank = min(rank, *param.shape)
+        for entry, stored, param, rank in self._update_targets():
             lowrank = {"rank": rank, "u_seed": u_seed if rank else None}
             if self.optimizer == "sgd":
                 HF.zo_sgd_update_(param, pairs, lr=self.lr, offset=entry.offset, weight_decay=self.weight_decay,
                                   backend=self.backend, **lowrank)
             else:
-                exp_avg, exp_avg_sq = self._moments(entry.name, param)
+                exp_avg, exp_avg_sq = (m.view(param.shape) for m in self._moments(entry.name, stored))
                 HF.zo_adam_update_(param, exp_avg, exp_avg_sq, pairs, lr=self.lr, step=step + 1,
                                    offset=entry.offset, betas=self.betas, eps=self.eps,
                                    weight_decay=self.weight_decay, decoupled_weight_decay=self.optimizer == "adamw",
                                    backend=self.backend, **lowrank)
         self.steps = step + 1
+
+    def _update_targets(self) -> list[tuple[Any, torch.Tensor, torch.Tensor, int]]:
+        """(layout entry, parameter, the tensor its update writes, rank) per trainable parameter:
+        a low-rank weight is written through its (out, in*kh*kw) matrix view, with rank at most
+        min(out, in*kh*kw). Raises before any parameter is touched."""
+        named = dict(self.model.named_parameters())
+        targets = []
+        for entry in self.layout:
+            stored = named[entry.name].data
+            if entry.name in self.lowrank_names:
+                param = _matrix_view(entry.name, stored)
+                targets.append((entry, stored, param, min(self.rank, *param.shape)))
+            else:
+                targets.append((entry, stored, stored, 0))
+        return targets
 
     def _moments(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.state:
