@@ -15,7 +15,7 @@ from heron import functional as HF
 from heron.memory import peak_memory
 from tests.helpers import op_available
 
-from .timing import median_time
+from .timing import median_times
 
 pytestmark = pytest.mark.bench
 
@@ -42,7 +42,7 @@ def _cases(op: str):
 
 
 def _rounds(m: int, k: int, n: int, device: str) -> int:
-    return 20 if device == "cuda" else max(3, min(10, int(2e10 / (2 * m * k * n))))
+    return 20 if device == "cuda" else max(5, min(15, int(4e10 / (2 * m * k * n))))
 
 
 @pytest.mark.parametrize(("device", "backend", "shape", "dtype"), list(_cases("perturbed_linear")))
@@ -69,7 +69,7 @@ def test_perturbed_linear_vs_floor(record, device, backend, shape, dtype, shared
         zb = heron.seeded_randn(n, SEED, n * k, device=device, dtype=dtype)
         return torch.nn.functional.linear(x, w, b), torch.nn.functional.linear(xp, w + MU * z, b + MU * zb)
 
-    t_fused, t_floor, t_unfused = (median_time(f, device, rounds) for f in (fused, floor, unfused))
+    t_fused, t_floor, t_unfused = median_times((fused, floor, unfused), device, rounds)
     out_bytes = 2 * m * n * x.element_size()
     mem_fused = peak_memory(fused, device)[1] - out_bytes
     mem_unfused = peak_memory(unfused, device)[1] - out_bytes
@@ -109,7 +109,7 @@ def test_lora_perturbed_linear_vs_floor(record, device, backend, shape, dtype, r
         return base, pert
 
     with torch.no_grad():
-        t_fused, t_floor, t_unfused = (median_time(f, device, rounds) for f in (fused, floor, unfused))
+        t_fused, t_floor, t_unfused = median_times((fused, floor, unfused), device, rounds)
         out_bytes = 2 * m * n * x.element_size()
         mem_fused = peak_memory(fused, device)[1] - out_bytes
     record("linear", op="lora_perturbed_linear", device=device, backend=backend, dtype=str(dtype), m=m, k=k, n=n,
@@ -141,7 +141,7 @@ def test_lowrank_perturbed_linear_vs_floor(record, device, backend, shape, dtype
         v = heron.seeded_randn((k, rank), SEED, n * rank, device=device, dtype=dtype)
         return x @ w.T, x_pert @ (w + MU * (u @ v.T) / rank**0.5).T
 
-    t_fused, t_floor, t_unfused = (median_time(f, device, rounds) for f in (fused, floor, unfused))
+    t_fused, t_floor, t_unfused = median_times((fused, floor, unfused), device, rounds)
     out_bytes = 2 * m * n * x.element_size()
     record("linear", op="lowrank_perturbed_linear", device=device, backend=backend, dtype=str(dtype), m=m, k=k, n=n,
            rank=rank, path="two-inputs", fused_s=t_fused, floor_s=t_floor, unfused_s=t_unfused,

@@ -11,7 +11,7 @@ from heron import functional as HF
 from heron.memory import peak_memory
 from tests.helpers import op_available
 
-from .timing import median_time
+from .timing import median_times
 
 pytestmark = pytest.mark.bench
 
@@ -52,9 +52,7 @@ def test_update_vs_add(record, device, backend, n, update):
         p.add_(z, alpha=-1e-7)
 
     rounds = 10
-    t_fused = median_time(fused, device, rounds)
-    t_add = median_time(lambda: p.add_(q, alpha=1e-9), device, rounds)
-    t_unfused = median_time(unfused, device, rounds)
+    t_fused, t_add, t_unfused = median_times((fused, lambda: p.add_(q, alpha=1e-9), unfused), device, rounds)
     record("updates", op=op, device=device, backend=backend, n=n, fused_s=t_fused, add_s=t_add, unfused_s=t_unfused,
            fused_over_add=t_fused / t_add, fused_extra_bytes=peak_memory(fused, device)[1],
            unfused_extra_bytes=peak_memory(unfused, device)[1])

@@ -1,9 +1,10 @@
-"""Timing helpers shared by the benchmarks: medians of synchronised wall-clock runs."""
+"""Timing helpers shared by the benchmarks: medians of synchronised wall-clock runs, several
+functions timed in interleaved rounds so that drift in the machine's speed falls on all alike."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def sync(device: str) -> None:
@@ -13,15 +14,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], device: str, rounds: int) -> float:
-    """Median seconds of `rounds` calls of fn after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(rounds):
-        sync(device)
-        start = time.perf_counter()
+def median_times(fns: Sequence[Callable[[], object]], device: str, rounds: int) -> list[float]:
+    """Median seconds of each of `fns` over `rounds` rounds, each round calling every function once
+    in turn (after one warm-up call each)."""
+    for fn in fns:
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, samples in zip(fns, times, strict=True):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples.append(time.perf_counter() - start)
+    return [sorted(samples)[len(samples) // 2] for samples in times]

@@ -93,9 +93,12 @@ Partition partition(int64_t n, int64_t k) {
 
 // Output tiles of the frozen products are at most kMaxTile x kMaxTile: MKL's single-threaded GEMM
 // on a 1024 x 1024 output tile runs at ~97% of its whole-matrix speed, on a 128-column block at ~72%.
-// They are halved (the longer side first, never below kMinTile) until there are kMinBlocks tasks.
+// Until there are kMinBlocks tasks they are halved: the row side while it is the longer one and
+// above kKeepRows (short GEMMs lose more than narrow ones), else the column side down to
+// 2 * kMinTile, else the row side down to 2 * kMinTile.
 constexpr int64_t kMaxTile = 1024;
 constexpr int64_t kMinTile = 64;
+constexpr int64_t kKeepRows = 512;
 
 struct Grid {
   int64_t m, n;
@@ -109,7 +112,7 @@ Grid output_grid(int64_t m, int64_t n) {
   if (m == 0 || n == 0) return {m, n, 1, 1, 0, 0};
   int64_t tile_m = std::max<int64_t>(1, std::min(m, kMaxTile)), tile_n = std::max<int64_t>(1, std::min(n, kMaxTile));
   while (ceil_div(m, tile_m) * ceil_div(n, tile_n) < kMinBlocks) {
-    if (tile_m >= tile_n && tile_m >= 2 * kMinTile) {
+    if (tile_m >= tile_n && tile_m > kKeepRows) {
       tile_m = ceil_div(tile_m, 2);
     } else if (tile_n >= 2 * kMinTile) {
       tile_n = ceil_div(tile_n, 2);
