@@ -86,12 +86,13 @@ def extensions() -> tuple[list, dict]:
 ext_modules, cmdclass = extensions()
 
 # Every subpackage (heron.sfl, heron.models, heron.flower, ...) must be listed for a non-editable install.
-PACKAGES = [f"heron.{p}" for p in find_packages("python/heron")] + ["heron", "heron_kernels"]
+# heron.flower.app holds only data (the Flower app's pyproject.toml); listed so setuptools ships it as such.
+PACKAGES = [f"heron.{p}" for p in find_packages("python/heron")] + ["heron", "heron_kernels", "heron.flower.app"]
 
 setup(
     package_dir={"heron": "python/heron", "heron_kernels": "heron_kernels"},
     packages=PACKAGES,
-    package_data={"heron.flower": ["app/pyproject.toml"]},
+    package_data={"heron.flower.app": ["pyproject.toml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
