@@ -248,9 +248,12 @@ def test_layer_larger_than_default_tile_budget(dtype, shared):
 
 @pytest.mark.parametrize("mode", ["full_shared", "full_two", "lowrank_two", "lora_shared"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_many_tiles_with_ragged_edges(small_tiles, dtype, mode):
-    """With a 1024-float budget, a 97 x 1025 weight is cut into ~100 ragged tiles."""
-    m, k, n = 17, 1025, 97
+@pytest.mark.parametrize("m", [17, 1030])
+def test_many_tiles_with_ragged_edges(small_tiles, dtype, mode, m):
+    """With a 1024-float budget, a 97 x 1025 weight is cut into ~100 ragged tiles. 1030 rows: the
+    full direction's perturbed product runs cooperatively (all threads per tile, fixed row chunks),
+    the frozen products on several row tiles."""
+    k, n = 1025, 97
     x, x_pert, weight, b = _linear_inputs(m, k, n, dtype, True)
     shared = mode.endswith("shared")
     x_pert = None if shared else x_pert
