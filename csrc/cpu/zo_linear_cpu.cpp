@@ -7,7 +7,8 @@
 //   * Frozen products x W^T + b (the base stream; both streams for low rank and LoRA): a grid of
 //     output tiles of up to 1024 x 1024, one GEMM per tile and stream, then the tile's rank-r terms.
 //   * The perturbed product of a full direction: fixed row blocks of the weight, each swept in K
-//     tiles of the buffer's width, so Z is generated once per weight element.
+//     tiles of the buffer's width, so Z is generated once per weight element; one block per task,
+//     or, for tall inputs on narrow layers, all threads on each tile (cooperative_pert_product).
 //
 // Peak extra memory beyond the two (M, N) outputs, in bytes (T = linear_tile_bytes(), 2 MiB by
 // default, P = threads; r = rank):
@@ -296,36 +297,39 @@ void copy_base_tile(const FullProblem& f, const at::Tensor& y_base, at::Tensor& 
   if (f.z_b.has_value()) pert_tile.add_(f.z_b->narrow(0, n0, n_cols), f.mu);
 }
 
-// Shared input, one row block: y_pert += mu * x Z^T, Z generated tile by tile.
-void shared_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows,
-                       at::Tensor& buffer) {
-  at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
-  for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
-    fill_direction(tile, f.key.seed, f.key.weight_offset, p.k, n0, k0, 1.0f, nullptr, 0);
-    add_tile_product(pert_cols, f.x_f, tile, k0, f.mu);
-  });
+// The K tile (n0.., k0..) of the perturbed stream's weight: Z with a shared input (its product
+// is scaled by mu), W + mu Z with two inputs (float32 W read in place; a low-precision tile
+// converted, then perturbed in place).
+void fill_pert_tile(const FullProblem& f, at::Tensor& tile, int64_t n0, int64_t k0, bool shared) {
+  const int64_t k = f.weight.size(1);
+  if (shared) {
+    fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, 1.0f, nullptr, 0);
+  } else if (f.weight.scalar_type() == at::kFloat) {
+    fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, f.mu, f.weight.data_ptr<float>() + n0 * k + k0,
+                   k);
+  } else {
+    load_weight_tile(tile, f.weight, n0, k0);
+    fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, f.mu, tile.data_ptr<float>(), tile.size(1));
+  }
 }
 
-// Two inputs, one row block: y_pert = (b + mu z_b) + x_pert (W + mu Z)^T, each tile of W + mu Z
-// built in the buffer (float32 W read in place; a low-precision tile converted, perturbed in place).
-void two_input_full_block(const Partition& p, const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows,
-                          at::Tensor& buffer) {
+// The perturbed stream's columns n0..n0+rows before the products: the copied base tile plus mu z_b
+// with a shared input (done by the frozen products' epilogue), b + mu z_b with two inputs.
+at::Tensor pert_columns(const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows, bool shared) {
   at::Tensor pert_cols = y_pert.narrow(1, n0, rows);
-  init_columns(pert_cols, f.b_pert, n0);
-  const bool float_weight = f.weight.scalar_type() == at::kFloat;
+  if (!shared) init_columns(pert_cols, f.b_pert, n0);
+  return pert_cols;
+}
+
+// One row block of the perturbed product, one task: y_pert[:, block] += x @ (mu Z)^T (shared input)
+// or x_pert @ (W + mu Z)^T, tile by tile.
+void full_pert_block(const Partition& p, const FullProblem& f, at::Tensor& y_pert, int64_t n0, int64_t rows,
+                     at::Tensor& buffer, bool shared) {
+  at::Tensor pert_cols = pert_columns(f, y_pert, n0, rows, shared);
+  const at::Tensor& x_rows = shared ? f.x_f : *f.x_pert_f;
   for_each_k_tile(p, rows, buffer, [&](int64_t k0, at::Tensor& tile) {
-    const float* base;
-    int64_t ld_base;
-    if (float_weight) {
-      base = f.weight.data_ptr<float>() + n0 * p.k + k0;
-      ld_base = p.k;
-    } else {
-      load_weight_tile(tile, f.weight, n0, k0);
-      base = tile.data_ptr<float>();
-      ld_base = tile.size(1);
-    }
-    fill_direction(tile, f.key.seed, f.key.weight_offset, p.k, n0, k0, f.mu, base, ld_base);
-    add_tile_product(pert_cols, *f.x_pert_f, tile, k0, 1.0);
+    fill_pert_tile(f, tile, n0, k0, shared);
+    add_tile_product(pert_cols, x_rows, tile, k0, shared ? f.mu : 1.0);
   });
 }
 
@@ -350,23 +354,12 @@ void cooperative_pert_product(const FullProblem& f, at::Tensor& y_pert, bool sha
   const Partition p{n, k, rows, std::max<int64_t>(1, std::min(k, budget / rows)), blocks};
   at::Tensor buffer = at::empty({p.rows * p.cols}, at::kFloat);
   const at::Tensor& x_rows = shared ? f.x_f : *f.x_pert_f;
-  const bool float_weight = f.weight.scalar_type() == at::kFloat;
   const int64_t chunks = ceil_div(m, kCoopChunkRows);
   for (int64_t block = 0; block < p.blocks; ++block) {
     const int64_t n0 = block * p.rows, block_rows = std::min(p.rows, n - n0);
-    at::Tensor pert_cols = y_pert.narrow(1, n0, block_rows);
-    if (!shared) init_columns(pert_cols, f.b_pert, n0);
+    at::Tensor pert_cols = pert_columns(f, y_pert, n0, block_rows, shared);
     for_each_k_tile(p, block_rows, buffer, [&](int64_t k0, at::Tensor& tile) {
-      if (shared) {
-        fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, 1.0f, nullptr, 0);
-      } else if (float_weight) {
-        fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, f.mu,
-                       f.weight.data_ptr<float>() + n0 * k + k0, k);
-      } else {
-        load_weight_tile(tile, f.weight, n0, k0);
-        fill_direction(tile, f.key.seed, f.key.weight_offset, k, n0, k0, f.mu, tile.data_ptr<float>(),
-                       tile.size(1));
-      }
+      fill_pert_tile(f, tile, n0, k0, shared);  // all threads: not inside a parallel region
       at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
         const SequentialBlas sequential;
         for (int64_t chunk = first; chunk < last; ++chunk) {
@@ -393,11 +386,7 @@ std::tuple<at::Tensor, at::Tensor> full_linear(const FullProblem& f) {
     return {y_base, y_pert};
   }
   for_each_block(p, /*with_buffer=*/true, [&](int64_t n0, int64_t rows, at::Tensor& buffer) {
-    if (shared) {
-      shared_full_block(p, f, y_pert, n0, rows, buffer);
-    } else {
-      two_input_full_block(p, f, y_pert, n0, rows, buffer);
-    }
+    full_pert_block(p, f, y_pert, n0, rows, buffer, shared);
   });
   return {y_base, y_pert};
 }
