@@ -131,6 +131,13 @@ def test_sequential_zo_schedule_trains_the_same_model():
     assert sequential_report.client_peak_memory_bytes < dual_report.client_peak_memory_bytes
 
 
+@pytest.mark.parametrize(("change", "match"), [({"zo_rank": -1}, "zo_rank must be >= 0"),
+                                              ({"zo_rank": 4, "zo_schedule": "sequential"}, "use zo_schedule='dual'")])
+def test_bad_zo_rank(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(SMALL, **change).validate()
+
+
 def test_unknown_zo_schedule_lists_the_valid_ones():
     with pytest.raises(ValueError, match="dual, sequential"):
         replace(SMALL, zo_schedule="interleaved").validate()

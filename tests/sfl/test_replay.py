@@ -177,6 +177,22 @@ def test_engine_seeds_mode_equals_parameters_mode_with_fewer_bytes():
     assert report_seeds.bytes_up < report_params.bytes_up
 
 
+def test_lowrank_run_in_seeds_mode_equals_parameters_mode():
+    """zo_rank > 0: the clients' conv and Linear weights take rank-r directions; the server's
+    replicas replay them exactly."""
+    params = Experiment(replace(SMALL, zo_rank=2))
+    seeds = Experiment(replace(SMALL, zo_rank=2, client_upload="seeds"))
+    params.run(), seeds.run()
+    updater = params.clients[0].updater
+    assert updater.perturbation == "lowrank" and updater.rank == 2
+    assert {"0.0.weight"} <= updater.lowrank_names  # the first conv
+    for key, value in run_parameters(params).items():
+        assert torch.equal(value, run_parameters(seeds)[key]), key
+    full = Experiment(SMALL)
+    full.run()
+    assert not torch.equal(run_parameters(full)["client.0.0.weight"], run_parameters(params)["client.0.0.weight"])
+
+
 def test_resume_in_seeds_mode_equals_uninterrupted(tmp_path):
     config = replace(SMALL, rounds=3, client_upload="seeds")
     full, resumed = assert_resume_equals_uninterrupted(config, tmp_path)

@@ -28,7 +28,7 @@ _TRAIN_TYPES: dict[str, type] = {
     "upload_every": int, "batch_size": int, "partition": str, "alpha": float, "client_optimizer": str,
     "client_lr": float, "zo_lr": float, "mu": float, "q": int, "server_optimizer": str, "server_lr": float,
     "weighting": str, "seed": int, "device": str, "backend": str, "client_upload": str, "zo_schedule": str,
-    "cut": int, "aux_layers": int,
+    "zo_rank": int, "cut": int, "aux_layers": int,
 }
 
 

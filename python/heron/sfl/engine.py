@@ -62,6 +62,7 @@ class TrainConfig:
     backend: str | None = None
     client_upload: str = "parameters"  # "seeds": ZO clients upload seed-and-scalar records (heron.sfl.replay)
     zo_schedule: str = "dual"  # ZOUpdater schedule: "dual" (fused streams) or "sequential" (half the activations)
+    zo_rank: int = 0  # > 0: rank-r ZO directions on Linear/Conv2d weights (perturbation="lowrank"); 0: full
 
     cut: int | None = None  # split point / auxiliary-head depth of gpt2* and minilm (None: the model's default)
     aux_layers: int | None = None
@@ -71,6 +72,11 @@ class TrainConfig:
         check_client_upload(self.method, self.client_upload)
         if self.zo_schedule not in SCHEDULES:
             raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
+        if self.zo_rank < 0:
+            raise ValueError(f"zo_rank must be >= 0 (0: full directions), got {self.zo_rank}")
+        if self.zo_rank and self.zo_schedule != "dual":
+            raise ValueError("zo_rank > 0 (low-rank directions) runs through the fused dual-stream kernels; "
+                             f"use zo_schedule='dual', got {self.zo_schedule!r}")
         if self.dataset in DATASET_KINDS:  # user datasets are checked when the model is built
             check_model_fits(self.model, DATASET_KINDS[self.dataset], self.dataset)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
@@ -169,6 +175,8 @@ def build_client(config: TrainConfig, client_id: int, data, model: nn.Module, lo
         kwargs.update(mu=cfg.mu, q=cfg.q, lr=cfg.zo_lr)
     if kind == "zo":
         kwargs["schedule"] = cfg.zo_schedule
+        if cfg.zo_rank:
+            kwargs.update(perturbation="lowrank", rank=cfg.zo_rank)
     if kind == "zo" and cfg.backend is not None:
         kwargs["backend"] = cfg.backend
     updater = UPDATERS[kind](model, loss_fn, **kwargs)
@@ -341,9 +349,10 @@ class Experiment:
         # `rounds` is left out so a finished run can be resumed to train further; the ZO schedule
         # changes only how a step is executed (and its rounding), not what the run computes; an unset
         # split (cut/aux_layers None) and client_upload "parameters" are left out so checkpoints
-        # written before those options existed still resume.
+        # written before those options existed still resume (likewise full directions, zo_rank 0).
         identity = {k: v for k, v in asdict(self.config).items()
-                    if k not in ("rounds", "zo_schedule") and not (k in ("cut", "aux_layers") and v is None)}
+                    if k not in ("rounds", "zo_schedule") and not (k in ("cut", "aux_layers") and v is None)
+                    and not (k == "zo_rank" and v == 0)}
         if identity["client_upload"] == "parameters":
             del identity["client_upload"]
         return {"config": identity, "format": 1}
