@@ -96,6 +96,17 @@ def test_flower_rounds_equal_the_engine(method):
     assert not any(o.left_out for o in run.outcomes)
 
 
+@pytest.mark.parametrize("upload", ["parameters", "seeds"])
+def test_flower_lowrank_rounds_equal_the_engine(upload):
+    """Low-rank ZO directions (zo_rank) through the Flower app, in both upload modes."""
+    config = TrainConfig(**{**CONFIG.__dict__, "method": "heron", "zo_rank": 2, "client_upload": upload})
+    run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
+    engine = Experiment(config)
+    engine.run()
+    assert _equal_states(run.client_state, engine.client_parameters())
+    assert _equal_states(run.server_state, engine.server_model.state_dict())
+
+
 def _nan_weights(node, reply):
     if node == 102 and not reply.has_error():
         array = reply.content["heron.model"]["0.0.weight"].numpy().copy()
