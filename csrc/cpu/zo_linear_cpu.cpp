@@ -80,10 +80,17 @@ struct Partition {
   int64_t rows, cols, blocks;
 };
 
-Partition partition(int64_t n, int64_t k) {
-  const int64_t budget = std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
+// The tile budget in float32 elements.
+int64_t tile_budget_floats() {
+  return std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
+}
+
+// min_blocks: the layer is cut into at least this many blocks when each keeps kMinBlockRows rows
+// (kMinBlocks for one block per task; 1 when all threads share each block).
+Partition partition(int64_t n, int64_t k, int64_t min_blocks = kMinBlocks) {
+  const int64_t budget = tile_budget_floats();
   int64_t rows = std::min(n, kMaxBlockRows);
-  rows = std::min(rows, std::max(kMinBlockRows, (n + kMinBlocks - 1) / kMinBlocks));
+  rows = std::min(rows, std::max(kMinBlockRows, (n + min_blocks - 1) / min_blocks));
   rows = std::max<int64_t>(1, std::min(rows, budget));
   const int64_t cols = std::max<int64_t>(1, std::min(k, budget / rows));
   // Even out the blocks: the same count, sizes differing by at most one.
@@ -248,8 +255,7 @@ void frozen_products(const at::Tensor& weight, const FrozenStream& first, const 
   const int64_t k = weight.size(1);
   const Grid g = output_grid(first.x_f->size(0), weight.size(0));
   const bool convert = weight.scalar_type() != at::kFloat;
-  const int64_t budget = std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
-  const Partition k_tiles{g.n, k, g.tile_n, std::max<int64_t>(1, std::min(k, budget / g.tile_n)), 0};
+  const Partition k_tiles{g.n, k, g.tile_n, std::max<int64_t>(1, std::min(k, tile_budget_floats() / g.tile_n)), 0};
   at::parallel_for(0, g.tiles_m * g.tiles_n, 1, [&](int64_t first_task, int64_t last_task) {
     const SequentialBlas sequential;
     at::Tensor buffer = convert ? at::empty({k_tiles.rows * k_tiles.cols}, at::kFloat) : at::Tensor();
@@ -346,12 +352,8 @@ constexpr int64_t kCoopMinRows = 4 * kCoopChunkRows;
 constexpr int64_t kCoopBelowRows = 256;
 
 void cooperative_pert_product(const FullProblem& f, at::Tensor& y_pert, bool shared) {
-  const int64_t m = f.x_f.size(0), n = f.weight.size(0), k = f.weight.size(1);
-  const int64_t budget = std::max<int64_t>(1, g_tile_bytes.load() / static_cast<int64_t>(sizeof(float)));
-  int64_t rows = std::max<int64_t>(1, std::min({n, kMaxBlockRows, budget}));
-  const int64_t blocks = ceil_div(n, rows);
-  rows = ceil_div(n, blocks);
-  const Partition p{n, k, rows, std::max<int64_t>(1, std::min(k, budget / rows)), blocks};
+  const int64_t m = f.x_f.size(0), n = f.weight.size(0);
+  const Partition p = partition(n, f.weight.size(1), /*min_blocks=*/1);
   at::Tensor buffer = at::empty({p.rows * p.cols}, at::kFloat);
   const at::Tensor& x_rows = shared ? f.x_f : *f.x_pert_f;
   const int64_t chunks = ceil_div(m, kCoopChunkRows);

@@ -283,9 +283,10 @@ def test_many_tiles_with_ragged_edges(small_tiles, dtype, mode, m):
 
 
 @pytest.mark.parametrize("rank", [0, 2])
-@pytest.mark.parametrize("shape", [(0, 7, 5), (4, 0, 5), (4, 7, 0)], ids=_ids)
+@pytest.mark.parametrize("shape", [(0, 7, 5), (4, 0, 5), (4, 7, 0), (1030, 7, 0)], ids=_ids)
 def test_degenerate_shapes(shape, rank):
-    """Empty batch, K = 0 (y = b) and N = 0 all return the reference's shapes and values."""
+    """Empty batch, K = 0 (y = b) and N = 0 all return the reference's shapes and values (N = 0
+    with 1024+ rows: the cooperative perturbed product's path)."""
     m, k, n = shape
     x, x_pert, weight, b = _linear_inputs(m, k, n, torch.float32, True)
     for xp in (None, x_pert):
