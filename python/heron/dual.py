@@ -287,10 +287,18 @@ def lowrank_eligible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
-def _weight_route_cheaper(m: int, n: int, k: int) -> bool:
-    """For a low-rank direction with two inputs x_pert (M, K) and W (N, K): whether W + alpha U V^T
+def _weight_route_cheaper(x_pert: torch.Tensor, weight: torch.Tensor) -> bool:
+    """For a low-rank direction with x_pert (..., K) (M rows) and W (N, K): whether W + alpha U V^T
     (2 N K r FLOPs) costs less than (x_pert V) U^T (2 M r (K + N))."""
+    n, k = weight.shape
+    m = x_pert.numel() // max(k, 1)
     return n * k < m * (k + n)
+
+
+def _scaled_bias_direction(bias: torch.Tensor, offset: int, pert: Perturbation) -> torch.Tensor:
+    """scale * z_b for a bias (out,) whose direction is keyed (seed, offset): a bias keeps its full
+    direction under low-rank perturbations."""
+    return seeded_randn(bias.shape[0], pert.seed, offset, device=bias.device, dtype=bias.dtype).mul_(pert.scale)
 
 
 def _lowrank_factors(weight: torch.Tensor, name: str, pert: Perturbation) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -311,16 +319,14 @@ def _linear(module: nn.Linear, name: str, x: Dual, pert: Perturbation) -> Dual:
     bias = module.bias if bias_trainable else None
     weight_offset = layout.offset(f"{name}.weight")
     bias_offset = layout.offset(f"{name}.bias") if bias_trainable else None
-    rows = x.base.numel() // max(x.base.shape[-1], 1)
-    if pert.lowrank_rank and x.pert is not None and _weight_route_cheaper(rows, *module.weight.shape):
+    if pert.lowrank_rank and x.pert is not None and _weight_route_cheaper(x.pert, module.weight):
         # x_pert @ (W + alpha U V^T).T: forming the perturbed weight (2 N K r FLOPs) costs less than
         # the fused kernel's (x_pert V) U^T (2 M r (K + N)) when the batch is wide and the layer narrow
         u, v, alpha = _lowrank_factors(module.weight, name, pert)
         w_pert = torch.addmm(module.weight, u, v.t(), alpha=alpha)
-        b_pert = None if module.bias is None else module.bias
+        b_pert = module.bias
         if bias_trainable:
-            b_pert = module.bias + pert.scale * seeded_randn(module.bias.shape[0], pert.seed, bias_offset,
-                                                             device=module.bias.device, dtype=module.bias.dtype)
+            b_pert = module.bias + _scaled_bias_direction(module.bias, bias_offset, pert)
         return Dual(nn.functional.linear(x.base, module.weight, module.bias),
                     nn.functional.linear(x.pert, w_pert, b_pert))
     if pert.lowrank_rank:
@@ -537,11 +543,10 @@ def _lowrank_conv(module: nn.Conv2d, name: str, trainable, x: Dual, pert: Pertur
         return Dual(base, pert_out)
     base = _conv_stream(module, x.base, pert, may_overwrite=False)
     filters, mix = v.t().reshape(rank, *weight.shape[1:]), u.mul_(alpha).view(out_channels, rank, 1, 1)
-    bias_names = [n for n, _ in trainable if n == f"{name}.bias"]
+    bias_name = f"{name}.bias"
     bias_shift = None
-    if bias_names:
-        bias_shift = seeded_randn(out_channels, pert.seed, pert.layout.offset(bias_names[0]), device=weight.device,
-                                  dtype=weight.dtype).mul_(pert.scale)
+    if module.bias is not None and bias_name in pert.layout:
+        bias_shift = _scaled_bias_direction(module.bias, pert.layout.offset(bias_name), pert)
     pert_out = torch.empty_like(base)
     chunk = _chunk_samples(module, x.base)  # no whole-batch transient, as for the module's own convolution
     for start in range(0, x.base.shape[0], chunk):

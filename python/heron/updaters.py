@@ -249,20 +249,14 @@ class ZOUpdater(_Updater):
             start += count
         return math.sqrt(total)
 
-    def _dual_forward(self, inputs: tuple, perturbation: Perturbation) -> tuple[Any, Any, torch.Tensor | None]:
-        interpreter = DualStreamInterpreter(self.graph_module, perturbation, self.cut_node)
-        out = _run_on_batch(interpreter.run, inputs)
-        if not isinstance(out, Dual):
-            raise TypeError(f"the model's output must be computed from its inputs, got {type(out).__name__}")
-        return out.base, out.pert_or_base, interpreter.smashed
-
-    def _single_forward(self, inputs: tuple, perturbation: Perturbation) -> tuple[Any, torch.Tensor | None]:
-        cut = self.cut_node if perturbation.stream == "base" else None  # only the base pass keeps its smashed output
+    def _forward(self, inputs: tuple, perturbation: Perturbation, cut: str | None) -> tuple[Dual, torch.Tensor | None]:
+        """One interpreter run of the model on the batch: its output (a Dual; pert is None in a
+        single-stream pass) and the base stream's output at `cut` (None: not kept)."""
         interpreter = DualStreamInterpreter(self.graph_module, perturbation, cut)
         out = _run_on_batch(interpreter.run, inputs)
         if not isinstance(out, Dual):
             raise TypeError(f"the model's output must be computed from its inputs, got {type(out).__name__}")
-        return out.base, interpreter.smashed
+        return out, interpreter.smashed
 
     def _sequential_losses(self, inputs: tuple, targets: Any, step: int, seeds: list[int], norms: list[float]):
         """Perturbed passes first (nothing of them outlives its loss), then the base pass, whose
@@ -273,12 +267,12 @@ class ZOUpdater(_Updater):
         for seed, norm in zip(seeds, norms, strict=True):
             perturbation = Perturbation(self.layout, seed, self.mu / norm, backend=self.backend, stream="pert",
                                         dropout_seed=dropout_seed)
-            out, _ = self._single_forward(inputs, perturbation)
-            losses_pert.append(float(_scalar_loss(self.loss_fn(out, targets))))
+            out, _ = self._forward(inputs, perturbation, None)  # only the base pass keeps its smashed output
+            losses_pert.append(float(_scalar_loss(self.loss_fn(out.base, targets))))
             del out  # the next pass must not overlap this one's output
         base_pass = Perturbation(self.layout, 0, 0.0, backend=self.backend, stream="base", dropout_seed=dropout_seed)
-        out, smashed = self._single_forward(inputs, base_pass)
-        loss_base = float(_scalar_loss(self.loss_fn(out, targets)))
+        out, smashed = self._forward(inputs, base_pass, self.cut_node)
+        loss_base = float(_scalar_loss(self.loss_fn(out.base, targets)))
         return [loss_base] * len(seeds), losses_pert, smashed
 
     def _dual_losses(self, inputs: tuple, targets: Any, step: int, seeds: list[int], norms: list[float]):
@@ -288,9 +282,9 @@ class ZOUpdater(_Updater):
         losses_base, losses_pert, smashed = [], [], None
         for j, (seed, norm) in enumerate(zip(seeds, norms, strict=True)):
             perturbation = Perturbation(self.layout, seed, self.mu / norm, self.rank, u_seed, self.backend)
-            out_base, out_pert, cut_value = self._dual_forward(inputs, perturbation)
-            losses_base.append(float(_scalar_loss(self.loss_fn(out_base, targets))))
-            losses_pert.append(float(_scalar_loss(self.loss_fn(out_pert, targets))))
+            out, cut_value = self._forward(inputs, perturbation, self.cut_node)
+            losses_base.append(float(_scalar_loss(self.loss_fn(out.base, targets))))
+            losses_pert.append(float(_scalar_loss(self.loss_fn(out.pert_or_base, targets))))
             if j == 0:
                 smashed = cut_value
                 if self.q > 1:  # later directions must not update the statistics again
