@@ -177,8 +177,8 @@ def build_client(config: TrainConfig, client_id: int, data, model: nn.Module, lo
         kwargs["schedule"] = cfg.zo_schedule
         if cfg.zo_rank:
             kwargs.update(perturbation="lowrank", rank=cfg.zo_rank)
-    if kind == "zo" and cfg.backend is not None:
-        kwargs["backend"] = cfg.backend
+        if cfg.backend is not None:
+            kwargs["backend"] = cfg.backend
     updater = UPDATERS[kind](model, loss_fn, **kwargs)
     return Client(client_id, model, updater, batches, local_steps=cfg.local_steps,
                   upload_every=cfg.upload_every, device=device)
