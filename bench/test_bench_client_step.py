@@ -19,8 +19,8 @@ from heron.profile import profile_steps
 pytestmark = pytest.mark.bench
 
 UPDATERS = ("zo", "zo-seq", "fo", "mezo")
-# zo-lowrank changes nothing on the GPT-2 client (LoRA adapters only, no trainable Linear weights)
-EXTRA_UPDATERS = {"resnet18-paper": ("zo-lowrank",), "gpt2m-paper": ()}
+# the low-rank variants change nothing on the GPT-2 client (LoRA adapters only, no trainable Linear weights)
+EXTRA_UPDATERS = {"resnet18-paper": ("zo-lowrank", "zo-seq-lowrank"), "gpt2m-paper": ()}
 
 
 def _device() -> str:

@@ -156,7 +156,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, che
                              "about half the activation memory)")
     parser.add_argument("--zo-rank", dest="zo_rank", type=int, default=d["zo_rank"],
                         help="rank of low-rank ZO directions on Linear/Conv2d weights (0: full Gaussian "
-                             "directions; needs --zo-schedule dual)")
+                             "directions)")
     parser.add_argument("--client-upload", dest="client_upload", default=d["client_upload"],
                         help="what ZO clients upload for FedAvg: parameters, or seeds (their steps' seeds and "
                              "scalars plus BatchNorm buffers; the server replays them; heron only)")
@@ -184,9 +184,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     profiles = profile_steps(updaters, config.batch, warmup=args.warmup, repeats=args.repeats)
     results = {kind: profile.as_dict() for kind, profile in profiles.items()}
     del updaters, profiles
-    print(f"{'updater':<8} {'peak memory MB':>15} {'GFLOPs/step':>12} {'time s':>8}")
+    width = max(len("updater"), *(len(kind) for kind in results))
+    print(f"{'updater':<{width}} {'peak memory MB':>15} {'GFLOPs/step':>12} {'time s':>8}")
     for kind, r in results.items():
-        print(f"{kind:<8} {r['peak_memory_bytes'] / 1e6:15.1f} {r['flops'] / 1e9:12.2f} {r['time_s']:8.3f}")
+        print(f"{kind:<{width}} {r['peak_memory_bytes'] / 1e6:15.1f} {r['flops'] / 1e9:12.2f} {r['time_s']:8.3f}")
     for zo_kind in [k for k in results if k.startswith("zo")]:
         for kind in [k for k in results if not k.startswith("zo")]:
             zo, other = results[zo_kind], results[kind]
@@ -240,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])
     prof.add_argument("--updaters", default="zo,zo-seq,fo,mezo",
                       help="comma-separated from zo, zo-seq (the sequential schedule), zo-lowrank (rank-8 "
-                           "directions on Linear/Conv2d weights), fo, mezo")
+                           "directions on Linear/Conv2d weights), zo-seq-lowrank (both), fo, mezo")
     prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prof.add_argument("--batch", type=int, default=None, help="batch size (default: the paper's)")
     prof.add_argument("--backend", default=None, help="kernel backend for the zo updater")

@@ -18,7 +18,8 @@ whole-batch transient beside its output: a conv-bn-relu stack holds one activati
 
 Single-stream passes (Perturbation.stream "base" or "pert", the updaters' sequential schedule) run
 the same graph on one stream: the perturbed pass with each trainable layer perturbed in place
-while it runs and no statistics update, the base pass as the module would run.
+while it runs (by alpha U V^T for a low-rank weight) and no statistics update, the base pass as
+the module would run.
 """
 
 from __future__ import annotations
@@ -573,12 +574,23 @@ def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict,
         return Dual(_seeded_dropout(module, x.base, pert.dropout_seed, name))
     if isinstance(module, nn.ReLU) and not kwargs and len(args) == 1:
         return _relu(x, pert)
-    with _PerturbedInPlace(trainable, pert):
+    with _PerturbedInPlace(trainable, pert, lowrank=_lowrank_weight(module, name, trainable, pert)):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
             return Dual(_batch_norm_stream(module, x.base, update_stats=pert.stream == "base", pert=pert))
         if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
             return Dual(_conv_stream(module, x.base, pert))
         return Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
+
+
+def _lowrank_weight(module: nn.Module, name: str, trainable: list[tuple[str, nn.Parameter]],
+                    pert: Perturbation) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{weight name: (U, V, alpha)} when the module's trainable weight takes a low-rank direction
+    (pert.lowrank_rank > 0 and lowrank_eligible), else {}: the in-place perturbation of a
+    single-stream pass then adds alpha U V^T, the same direction as the dual-stream layers'."""
+    weight_name = f"{name}.weight"
+    if not pert.lowrank_rank or not lowrank_eligible(module) or weight_name not in dict(trainable):
+        return {}
+    return {weight_name: _lowrank_factors(module.weight, name, pert)}
 
 
 def _seeded_dropout(module: nn.Dropout, x: torch.Tensor, seed: int, name: str) -> torch.Tensor:

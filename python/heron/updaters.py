@@ -184,10 +184,11 @@ class ZOUpdater(_Updater):
         schedule: "dual" runs the base and perturbed streams together, every Linear/LoRA layer
             through the fused dual-stream kernels (one pass over the weights serves both
             streams); "sequential" runs the perturbed forward(s) and then the base forward, each
-            trainable layer perturbed in place while it runs, so only one stream's activations
-            are alive at a time: about half the activation memory, for activation-bound models
-            (conv nets at large batch), at the cost of reading the weights once per stream. The
-            two schedules compute the same estimate (same directions, same losses up to rounding).
+            trainable layer perturbed in place while it runs (a low-rank weight by alpha U V^T),
+            so only one stream's activations are alive at a time: about half the activation
+            memory, for activation-bound models (conv nets at large batch), at the cost of reading
+            the weights once per stream. The two schedules compute the same estimate (same
+            directions, full or low-rank; same losses up to rounding).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, mu: float = 1e-3, q: int = 1,
@@ -210,9 +211,6 @@ class ZOUpdater(_Updater):
                 raise ValueError(f"perturbation='lowrank' needs rank >= 1, got rank={rank!r}")
             if self.direction == "sphere":
                 raise ValueError("direction='sphere' is defined for full directions; use perturbation='full'")
-            if self.schedule == "sequential":
-                raise ValueError("perturbation='lowrank' runs through the fused dual-stream kernels; "
-                                 "use schedule='dual'")
         self.rank = rank if self.perturbation == "lowrank" else 0
         self.lazy_steps = max(1, int(lazy_steps))
         self.betas, self.eps, self.backend = betas, eps, backend
@@ -263,10 +261,11 @@ class ZOUpdater(_Updater):
         smashed output is the one activation the step returns. Returns (base losses (one per
         direction, all the base pass's), perturbed losses, smashed)."""
         dropout_seed = derive_seed(self.seed, DROPOUT_STREAM, step)
+        u_seed = self.u_seed(step) if self.rank else 0
         losses_pert = []
         for seed, norm in zip(seeds, norms, strict=True):
-            perturbation = Perturbation(self.layout, seed, self.mu / norm, backend=self.backend, stream="pert",
-                                        dropout_seed=dropout_seed)
+            perturbation = Perturbation(self.layout, seed, self.mu / norm, self.rank, u_seed, self.backend,
+                                        stream="pert", dropout_seed=dropout_seed)
             out, _ = self._forward(inputs, perturbation, None)  # only the base pass keeps its smashed output
             losses_pert.append(float(_scalar_loss(self.loss_fn(out.base, targets))))
             del out  # the next pass must not overlap this one's output

@@ -74,9 +74,6 @@ class TrainConfig:
             raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
         if self.zo_rank < 0:
             raise ValueError(f"zo_rank must be >= 0 (0: full directions), got {self.zo_rank}")
-        if self.zo_rank and self.zo_schedule != "dual":
-            raise ValueError("zo_rank > 0 (low-rank directions) runs through the fused dual-stream kernels; "
-                             f"use zo_schedule='dual', got {self.zo_schedule!r}")
         if self.dataset in DATASET_KINDS:  # user datasets are checked when the model is built
             check_model_fits(self.model, DATASET_KINDS[self.dataset], self.dataset)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
