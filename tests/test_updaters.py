@@ -252,6 +252,55 @@ def test_lowrank_step_matches_reference_estimator(make_model, rows, schedule, ti
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
 
 
+def _backend_params():
+    """(device, backend) pairs: every backend of each device; the CUDA ones need a GPU (mark gpu).
+    Triton on CPU runs through the interpreter (tests/conftest.py)."""
+    pairs = [("cpu", "cpu"), ("cpu", "torch"), ("cpu", "triton")]
+    pairs += [pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("triton", "cuda", "torch")]
+    return pairs
+
+
+@pytest.mark.parametrize(("device", "backend"), _backend_params())
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
+def test_step_on_every_device_and_backend_matches_reference(device, backend, perturbation, schedule):
+    """The fused step of a conv-bn-relu-conv-bn + FC client on each device and kernel backend (the
+    same launchers a GPU client runs) against the plain estimator on that device."""
+    if backend != "torch" and heron.backends.unavailable_reason(backend, device) is not None:
+        pytest.skip(heron.backends.unavailable_reason(backend, device))
+    model = resnet_stem().to(device)
+    x, y = batch_for(model)
+    batch = (x.to(device), y.to(device))
+    lowrank = {"perturbation": "lowrank", "rank": 2} if perturbation == "lowrank" else {}
+    updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=0.05, seed=3, backend=backend,
+                        schedule=schedule, **lowrank)
+    if lowrank:
+        direction = {n: d.to(device) for n, d in lowrank_reference_direction(updater, 0).items()}
+    else:
+        seed = updater.direction_seeds(0)[0]
+        direction = {e.name: updater.layout.direction(e.name, seed, device="cpu").to(device) for e in updater.layout}
+    expected = reference_zo_sgd_step(model, batch, seed=0, mu=1e-3, lr=0.05, direction=direction)
+    result = updater.step(batch)
+    assert not result.skipped
+    assert result.smashed is None
+    for (name, got), (_, want) in zip(model.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert got.device.type == device, name
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+def test_profile_step_on_cuda_reads_the_allocator():
+    model = resnet_stem().cuda()
+    x, y = batch_for(model)
+    batch = (x.cuda(), y.cuda())
+    updaters = {"zo": ZOUpdater(model, nn.functional.cross_entropy, lr=1e-3),
+                "fo": FOUpdater(copy.deepcopy(model), nn.functional.cross_entropy, lr=1e-3)}
+    profiles = heron.profile_steps(updaters, batch, warmup=1, repeats=1)
+    for name, profile in profiles.items():
+        assert profile.step_peak_bytes > 0 and profile.flops > 0 and profile.time_s > 0, name
+    assert profiles["zo"].step_peak_bytes < profiles["fo"].step_peak_bytes
+
+
 def test_lowrank_conv_update_has_the_rank():
     model = resnet_stem()
     updater = ZOUpdater(model, nn.functional.cross_entropy, lr=0.01, perturbation="lowrank", rank=2, seed=4)

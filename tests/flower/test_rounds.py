@@ -96,10 +96,12 @@ def test_flower_rounds_equal_the_engine(method):
     assert not any(o.left_out for o in run.outcomes)
 
 
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
 @pytest.mark.parametrize("upload", ["parameters", "seeds"])
-def test_flower_lowrank_rounds_equal_the_engine(upload):
-    """Low-rank ZO directions (zo_rank) through the Flower app, in both upload modes."""
-    config = TrainConfig(**{**CONFIG.__dict__, "method": "heron", "zo_rank": 2, "client_upload": upload})
+def test_flower_lowrank_rounds_equal_the_engine(upload, schedule):
+    """Low-rank ZO directions (zo_rank) through the Flower app, in both upload modes and schedules."""
+    config = TrainConfig(**{**CONFIG.__dict__, "method": "heron", "zo_rank": 2, "client_upload": upload,
+                            "zo_schedule": schedule})
     run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
     engine = Experiment(config)
     engine.run()
