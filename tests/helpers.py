@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from heron import backends
@@ -19,6 +20,22 @@ def op_available(backend: str, device_type: str, op: str) -> bool:
         return hasattr(backends.triton_kernels(), op)
     suffix = "_cpu" if backend == "cpu" else "_cuda"
     return hasattr(backends.extension(), op.rstrip("_") + suffix)
+
+
+CPU_BACKENDS = [b for b in ("cpu", "triton", "torch") if b in backends.available("cpu")]
+GPU_BACKENDS = ["triton", "cuda", "torch"]
+# (device type, backend) pairs: the CPU backends this machine has, every GPU backend marked gpu
+DEVICE_BACKENDS = [pytest.param("cpu", b) for b in CPU_BACKENDS] + [
+    pytest.param("cuda", b, marks=[pytest.mark.gpu]) for b in GPU_BACKENDS]
+
+
+def skip_unavailable(device_type: str, backend: str) -> None:
+    """Skip the calling test when `backend` cannot run on `device_type` here."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reason = backends.unavailable_reason(backend, device_type)
+    if reason:
+        pytest.skip(reason)
 
 
 def cpu_backends(op: str) -> list[str]:

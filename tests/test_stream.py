@@ -12,9 +12,8 @@ import torch
 import heron
 from heron import backends, reference
 from heron.stream import ParameterLayout, check_key
+from tests.helpers import CPU_BACKENDS, DEVICE_BACKENDS, skip_unavailable
 
-CPU_BACKENDS = [b for b in ("cpu", "triton", "torch") if b in backends.available("cpu")]
-GPU_BACKENDS = ["triton", "cuda", "torch"]
 SIZES = [1, 7, 4097, 10**6 + 3]
 KEYS = [  # (seed, offset): small, counters above 2**32, seeds above 2**32, both near the top
     (0, 0),
@@ -31,27 +30,11 @@ def _size_budget(backend: str, n: int) -> bool:
     return not (backend == "triton" and backends.triton_interpreted() and n > 5000)
 
 
-def _backend_params(device_type: str, names: list[str]):
-    return [pytest.param(device_type, b, marks=[pytest.mark.gpu] if device_type == "cuda" else [])
-            for b in names]
-
-
-ALL_BACKENDS = _backend_params("cpu", CPU_BACKENDS) + _backend_params("cuda", GPU_BACKENDS)
-
-
-def _skip_unavailable(device_type: str, backend: str) -> None:
-    if device_type == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    reason = backends.unavailable_reason(backend, device_type)
-    if reason:
-        pytest.skip(reason)
-
-
-@pytest.mark.parametrize(("device_type", "backend"), ALL_BACKENDS)
+@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize(("seed", "offset"), KEYS)
 def test_words_bit_identical_to_reference(device_type, backend, n, seed, offset):
-    _skip_unavailable(device_type, backend)
+    skip_unavailable(device_type, backend)
     if not _size_budget(backend, n):
         pytest.skip("interpreter too slow for this size")
     got = heron.philox_words(n, seed, offset, device=device_type, backend=backend).cpu()
@@ -59,11 +42,11 @@ def test_words_bit_identical_to_reference(device_type, backend, n, seed, offset)
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize(("device_type", "backend"), ALL_BACKENDS)
+@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize(("seed", "offset"), KEYS)
 def test_normals_match_reference(device_type, backend, n, seed, offset):
-    _skip_unavailable(device_type, backend)
+    skip_unavailable(device_type, backend)
     if not _size_budget(backend, n):
         pytest.skip("interpreter too slow for this size")
     got = heron.seeded_randn(n, seed, offset, device=device_type, backend=backend).cpu()

@@ -14,6 +14,7 @@ from torch.func import functional_call, jvp
 import heron
 from heron import reference
 from heron.updaters import FOUpdater, MeZOUpdater, ZOUpdater
+from tests.helpers import DEVICE_BACKENDS, skip_unavailable
 
 
 def small_mlp() -> nn.Module:
@@ -252,22 +253,14 @@ def test_lowrank_step_matches_reference_estimator(make_model, rows, schedule, ti
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
 
 
-def _backend_params():
-    """(device, backend) pairs: every backend of each device; the CUDA ones need a GPU (mark gpu).
-    Triton on CPU runs through the interpreter (tests/conftest.py)."""
-    pairs = [("cpu", "cpu"), ("cpu", "torch"), ("cpu", "triton")]
-    pairs += [pytest.param("cuda", b, marks=pytest.mark.gpu) for b in ("triton", "cuda", "torch")]
-    return pairs
-
-
-@pytest.mark.parametrize(("device", "backend"), _backend_params())
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("perturbation", ["full", "lowrank"])
 @pytest.mark.parametrize("schedule", ["dual", "sequential"])
 def test_step_on_every_device_and_backend_matches_reference(device, backend, perturbation, schedule):
     """The fused step of a conv-bn-relu-conv-bn + FC client on each device and kernel backend (the
-    same launchers a GPU client runs) against the plain estimator on that device."""
-    if backend != "torch" and heron.backends.unavailable_reason(backend, device) is not None:
-        pytest.skip(heron.backends.unavailable_reason(backend, device))
+    same launchers a GPU client runs; Triton on CPU through the interpreter) against the plain
+    estimator on that device."""
+    skip_unavailable(device, backend)
     model = resnet_stem().to(device)
     x, y = batch_for(model)
     batch = (x.to(device), y.to(device))
