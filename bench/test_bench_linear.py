@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import heron
-from heron import functional as HF
-from heron.memory import peak_memory
+from heron.kernels import functional as HF
+from heron.profiling.memory import peak_memory
 from tests.helpers import op_available
 
 from .timing import median_times

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import heron  # noqa: F401 - registers torch.ops.heron
-from heron import backends
+from heron.kernels import backends
 
 from .timing import sync
 

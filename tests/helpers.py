@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron import backends
+from heron.kernels import backends
 
 # Launcher names per op for each compiled/Triton backend (docs/kernels.md).
 OPS = ("perturbed_linear", "lora_perturbed_linear", "zo_sgd_update_", "zo_adam_update_", "perturb_")

@@ -64,7 +64,7 @@ def test_split_learning_methods_are_refused_with_the_reason(method):
 
 
 def test_heron_flower_takes_client_upload():
-    from heron.cli import build_parser
+    from heron.cli.main import build_parser
 
     args = build_parser().parse_args(["flower", "--method", "heron", "--client-upload", "seeds"])
     assert args.client_upload == "seeds"

@@ -1,4 +1,4 @@
-"""heron._C C++ CPU launchers (docs/kernels.md) against heron.reference.
+"""heron._C C++ CPU launchers (docs/kernels.md) against heron.kernels.reference.
 
 Every launcher and mode: full / low-rank / LoRA linear layers with shared or two inputs, with and
 without bias; SGD, Adam, AdamW and perturb updates, full and low-rank, q directions; float32,
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from heron import reference
+from heron.kernels import reference
 
 C = pytest.importorskip("heron._C")
 if not hasattr(C, "perturbed_linear_cpu"):

@@ -1,4 +1,4 @@
-"""heron._C CUDA launchers (*_cuda) against heron.reference.
+"""heron._C CUDA launchers (*_cuda) against heron.kernels.reference.
 
 Needs a CUDA device and heron._C built with CUDA; skipped otherwise. Tolerances: float32 1e-4
 relative to the output's magnitude; bfloat16/float16 at most twice the error torch itself makes at
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heron import backends, reference
+from heron.kernels import backends, reference
 
 _EXT = backends.extension()
 HAS_CUDA_EXT = torch.cuda.is_available() and bool(getattr(_EXT, "with_cuda", False))

@@ -8,8 +8,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import heron
-from heron import functional as HF
-from heron import reference
+from heron.kernels import functional as HF
+from heron.kernels import reference
 from tests.helpers import assert_close_like_torch, cpu_backends
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

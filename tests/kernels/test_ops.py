@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import heron
-from heron import backends
+from heron.kernels import backends
 
 CPU_BACKENDS = [b for b in ("cpu", "torch") if b in backends.available("cpu")]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import heron
-from heron import backends, reference
-from heron.stream import ParameterLayout, check_key
+from heron.kernels import backends, reference
+from heron.kernels.stream import ParameterLayout, check_key
 from tests.helpers import CPU_BACKENDS, DEVICE_BACKENDS, skip_unavailable
 
 SIZES = [1, 7, 4097, 10**6 + 3]

@@ -1,4 +1,4 @@
-"""Triton launchers (heron_kernels) against heron.reference, on CPU tensors through the interpreter.
+"""Triton launchers (heron_kernels) against heron.kernels.reference, on CPU tensors through the interpreter.
 
 Linear ops: float32 within 1e-4 of the output scale; bfloat16/float16 no worse than twice the error of
 the same computation done in PyTorch at that dtype (both measured against the float32 reference).
@@ -15,7 +15,7 @@ import torch
 
 import heron
 import heron_kernels as hk
-from heron import reference as ref
+from heron.kernels import reference as ref
 from heron_kernels import linear as hk_linear
 from heron_kernels import updates as hk_updates
 

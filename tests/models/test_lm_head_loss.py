@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from heron import functional as HF
+from heron.kernels import functional as HF
 from heron.models.gpt2 import GPT2Config, HeadHidden, LMHeadLoss, gpt2_split, lm_loss
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 
 
 @pytest.mark.parametrize("rows", [1, 3, 17, 97])

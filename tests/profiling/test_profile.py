@@ -1,4 +1,4 @@
-"""heron.profile: FLOPs against hand counts, memory and time fields, interleaved timing rounds, the
+"""heron.profiling.profile: FLOPs against hand counts, memory and time fields, interleaved timing rounds, the
 caller's model untouched, and the `heron profile` command's JSON."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import heron
-from heron.cli import main
-from heron.profile import profile_steps
-from heron.updaters import FOUpdater, ZOUpdater
+from heron.cli.main import main
+from heron.profiling.profile import profile_steps
+from heron.zo.updaters import FOUpdater, ZOUpdater
 
 
 def mlp() -> nn.Sequential:

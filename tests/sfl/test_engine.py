@@ -75,7 +75,7 @@ def test_heron_accuracy_close_to_cse_fsl_on_digits():
 
 
 def test_cli_writes_report_and_plot(tmp_path):
-    from heron.cli import main
+    from heron.cli.main import main
 
     report_path, plot_path = tmp_path / "r.json", tmp_path / "p.png"
     code = main(["train", "--compare", "heron,sflv2", "--model", "cnn", "--dataset", "digits", "--clients", "2",

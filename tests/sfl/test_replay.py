@@ -26,7 +26,7 @@ from heron.sfl.replay import (
     state_keys,
 )
 from heron.sfl.roles import Client, ClientBatches, state_bytes
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
@@ -293,7 +293,7 @@ class TestBadInput:
             replace(SMALL, client_upload="gradients").validate()
 
     def test_cli_applies_seeds_to_the_zo_methods_of_a_comparison(self, capsys):
-        from heron.cli import _client_uploads, build_parser
+        from heron.cli.main import _client_uploads, build_parser
 
         args = build_parser().parse_args(["train", "--client-upload", "seeds"])
         assert args.client_upload == "seeds"

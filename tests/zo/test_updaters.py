@@ -12,8 +12,8 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import heron
-from heron import reference
-from heron.updaters import FOUpdater, MeZOUpdater, ZOUpdater
+from heron.kernels import reference
+from heron.zo.updaters import FOUpdater, MeZOUpdater, ZOUpdater
 from tests.helpers import DEVICE_BACKENDS, skip_unavailable
 
 
@@ -67,7 +67,7 @@ def reference_zo_sgd_step(model: nn.Module, batch, *, seed: int, mu: float, lr: 
 @pytest.fixture
 def tiny_conv_chunks(monkeypatch):
     """Convolutions in chunks of a few samples even on test-sized batches."""
-    monkeypatch.setattr(heron.dual, "_CONV_CHUNK_BYTES", 4 * 4 * 5 * 5 * 3)
+    monkeypatch.setattr(heron.zo.dual, "_CONV_CHUNK_BYTES", 4 * 4 * 5 * 5 * 3)
 
 
 @pytest.mark.parametrize("schedule", ["dual", "sequential"])
@@ -222,7 +222,7 @@ def lowrank_reference_direction(updater: ZOUpdater, step: int) -> dict[str, torc
             continue
         rows, cols = entry.shape[0], math.prod(entry.shape[1:])
         rank = min(updater.rank, rows, cols)
-        u_offset, v_offset = heron.functional.lowrank_offsets(entry.offset, rows, rank)
+        u_offset, v_offset = heron.kernels.functional.lowrank_offsets(entry.offset, rows, rank)
         u, v = reference.lowrank_factors(rows, cols, rank, seed=seed, u_seed=u_seed, u_offset=u_offset,
                                          v_offset=v_offset, device="cpu")
         direction[entry.name] = reference.lowrank_direction(u, v).reshape(entry.shape)
@@ -476,7 +476,7 @@ def test_in_place_execution_leaves_inputs_and_smashed_data_intact(tiny_conv_chun
 def test_activation_memory_per_schedule(monkeypatch):
     """Peak step memory in units of one activation map A = (N, C, H, W): the dual schedule holds
     one map per stream (2A), the sequential one a single stream's (1A), plus bounded chunks."""
-    monkeypatch.setattr(heron.dual, "_CONV_CHUNK_BYTES", 1 << 16)  # A is 1 MiB here
+    monkeypatch.setattr(heron.zo.dual, "_CONV_CHUNK_BYTES", 1 << 16)  # A is 1 MiB here
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.Flatten(),

@@ -11,7 +11,7 @@ import torch
 
 
 def _environment() -> dict:
-    from heron import backends
+    from heron.kernels import backends
 
     return {
         "python": platform.python_version(),
@@ -169,8 +169,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, che
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from heron.configs import build_config, build_updater
-    from heron.profile import profile_steps
+    from heron.profiling.presets import build_config, build_updater
+    from heron.profiling.profile import profile_steps
 
     kinds = [k.strip() for k in args.updaters.split(",") if k.strip()]
     overrides = {} if args.backend is None else {"backend": args.backend}

@@ -11,7 +11,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Flower-only options (heron train's options are added by heron.cli)."""
+    """The Flower-only options (heron train's options are added by heron.cli.main)."""
     parser.add_argument("--round-timeout", dest="round_timeout", type=float, default=0.0,
                         help="seconds to wait for a round's replies; late clients are left out (0: wait for all)")
     parser.add_argument("--ray-cpus", dest="ray_cpus", type=int, default=None,
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, fields
 
-    from heron.cli import _client_uploads
+    from heron.cli.main import _client_uploads
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
     from heron.flower.simulation import simulate

@@ -14,7 +14,7 @@ def environment() -> dict[str, Any]:
     """heron train's environment block plus the Flower version."""
     import flwr
 
-    from heron.cli import _environment
+    from heron.cli.main import _environment
 
     return {**_environment(), "flwr": flwr.__version__}
 

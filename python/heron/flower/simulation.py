@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 from heron.flower.client_app import make_client_app
 from heron.flower.config import FlowerSettings, check_flower_dataset, check_flower_method
 from heron.flower.server_app import FlowerRun, make_server_app
-from heron.memory import peak_memory
+from heron.profiling.memory import peak_memory
 from heron.sfl.engine import RoundRecord, TrainConfig
 
 

@@ -4,7 +4,7 @@ Backends:
   "triton"  heron_kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
   "cuda"    heron._C CUDA C++ kernels (CUDA tensors; needs a CUDA build of the extension)
   "cpu"     heron._C C++ kernels, OpenMP + SIMD (CPU tensors)
-  "torch"   heron.reference, plain PyTorch; any device, nothing compiled, the last fallback
+  "torch"   heron.kernels.reference, plain PyTorch; any device, nothing compiled, the last fallback
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
-from heron import ops as _ops  # noqa: F401 - the ops must exist before formulas are registered
+from heron.kernels import ops as _ops  # noqa: F401 - the ops must exist before formulas are registered
 
 
 def perturbed_linear_flops(x_shape, x_pert_shape, weight_shape, bias_shape, seed, weight_offset, bias_offset, mu,

@@ -5,7 +5,7 @@ flattens leading batch dims, makes inputs contiguous (a copy for non-contiguous 
 calls the `torch.library` op, which dispatches to Triton (CUDA tensors), C++ (CPU tensors) or the
 PyTorch reference. `backend` pins an implementation ("triton", "cuda", "cpu", "torch").
 
-Offsets follow heron's stream contract (heron.stream): parameter element (n, k) of an (N, K)
+Offsets follow heron's stream contract (heron.kernels.stream): parameter element (n, k) of an (N, K)
 weight keyed by (seed, offset) uses counter offset + n*K + k. Defaults lay out the bias right
 after the weight, as heron.ParameterLayout does for nn.Linear.
 """
@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from heron import backends
-from heron import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
-from heron.stream import COUNTER_LIMIT, check_int, check_key
+from heron.kernels import backends
+from heron.kernels import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
+from heron.kernels.stream import COUNTER_LIMIT, check_int, check_key
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

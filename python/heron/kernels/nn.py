@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from heron import functional as HF
+from heron.kernels import functional as HF
 
 
 class PerturbedLinear(nn.Linear):

@@ -2,9 +2,9 @@
 
 The op's default body is the plain-PyTorch reference (any device); the "cpu" and "cuda" kernels
 registered below pick among the backends that run on that device. Each op takes a `backend`
-string ("auto" or a name from heron.backends.BACKENDS) so a caller can pin an implementation and
+string ("auto" or a name from heron.kernels.backends.BACKENDS) so a caller can pin an implementation and
 still go through the dispatcher (and torch.compile). Inputs are validated by the public
-functions (heron.stream, heron.functional) before they get here.
+functions (heron.kernels.stream, heron.kernels.functional) before they get here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from heron import backends, reference
+from heron.kernels import backends, reference
 
 Impl = Callable[[torch.Tensor, int, int], None]
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from heron import backends
-from heron import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
+from heron.kernels import backends
+from heron.kernels import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
 
 COUNTER_LIMIT = 2**63
 SEED_LIMIT = 2**63

@@ -13,7 +13,7 @@ from torch import nn
 
 from heron.models import GPT2Config, gpt2_split, resnet18_split
 from heron.models.gpt2 import HeadHidden, LMHeadLoss, lm_loss
-from heron.updaters import FOUpdater, MeZOUpdater, ZOUpdater
+from heron.zo.updaters import FOUpdater, MeZOUpdater, ZOUpdater
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from heron.memory import peak_memory
+from heron.profiling.memory import peak_memory
 
 
 @dataclass

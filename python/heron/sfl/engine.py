@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from heron.configs import UPDATERS
-from heron.profile import profile_step
+from heron.kernels.stream import derive_seed
+from heron.profiling.presets import UPDATERS
+from heron.profiling.profile import profile_step
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.data import DATASET_KINDS, load_dataset, split_clients
 from heron.sfl.methods import AUX_METHODS, UPDATER_OF_METHOD, build_split_model, check_method, check_model_fits
@@ -31,8 +32,7 @@ from heron.sfl.replay import ClientReplica, SeedScalarUpload, check_client_uploa
 from heron.sfl.roles import Client, ClientRoundResult, FedServer, MainServer, SplitClient, Upload, state_bytes
 from heron.sfl.state import pack, unpack
 from heron.sfl.tasks import Evaluation, client_batches, task_of
-from heron.stream import derive_seed
-from heron.updaters import SCHEDULES
+from heron.zo.updaters import SCHEDULES
 
 
 @dataclass

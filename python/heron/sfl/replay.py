@@ -1,7 +1,7 @@
 """Seed-and-scalar uploads: a ZO client sends how it moved, not where it ended up.
 
 A ZO client's local update is determined by its steps' (step index, seeds, projected-gradient
-scalars) plus the optimizer's rule and state (heron.updaters module docstring). So instead of its
+scalars) plus the optimizer's rule and state (heron.zo.updaters module docstring). So instead of its
 parameters a client can upload those records and the state entries ZO does not train (BatchNorm
 running statistics, num_batches_tracked); the server's ClientReplica, a mirror of the client's
 ZOUpdater, replays them with the same kernels (`ZOUpdater.apply`, the function the client's own
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from heron.sfl.roles import Client, ClientRoundResult, tensor_bytes
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 
 CLIENT_UPLOADS = ("parameters", "seeds")
 SEED_UPLOAD_METHODS = ("heron",)  # methods whose client updater is a ZOUpdater

@@ -36,9 +36,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from heron import functional as HF
-from heron.nn import LoRALinear, PerturbedLinear
-from heron.stream import ParameterLayout, seeded_randn
+from heron.kernels import functional as HF
+from heron.kernels.nn import LoRALinear, PerturbedLinear
+from heron.kernels.stream import ParameterLayout, seeded_randn
 
 
 @dataclass

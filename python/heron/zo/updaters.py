@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from heron import functional as HF
-from heron.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, lowrank_eligible, trace
-from heron.stream import ParameterLayout, derive_seed, seeded_randn
+from heron.kernels import functional as HF
+from heron.kernels.stream import ParameterLayout, derive_seed, seeded_randn
+from heron.zo.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, lowrank_eligible, trace
 
 U_STREAM = 2**62  # index that separates the low-rank U seeds from the per-direction seeds
 OPTIMIZERS = ("sgd", "adam", "adamw")
