@@ -121,8 +121,8 @@ def test_lora_perturbed_linear_vs_floor(record, device, backend, shape, dtype, r
 @pytest.mark.parametrize(("device", "backend", "shape", "dtype"), list(_cases("perturbed_linear")))
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_lowrank_perturbed_linear_vs_floor(record, device, backend, shape, dtype, rank):
-    if not op_available(backend, device, "perturbed_linear"):
-        pytest.skip(f"{backend} perturbed_linear not available on {device}")
+    if not op_available(backend, device, "lowrank_perturbed_linear"):
+        pytest.skip(f"{backend} lowrank_perturbed_linear not available on {device}")
     m, k, n = shape
     if device == "cpu" and m * k * n > 2**32:
         pytest.skip("largest CPU shapes covered by the full-weight benchmark")

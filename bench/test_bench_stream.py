@@ -42,7 +42,7 @@ def test_seeded_randn_throughput(benchmark, record, device, backend):
             sync(device)
     else:
         def run():
-            torch.ops.heron.philox_randn_(out, 1234, 2**33, backend)
+            torch.ops.heron.philox_randn_(out=out, seed=1234, offset=2**33, backend=backend)
             sync(device)
     run()
     benchmark.pedantic(run, rounds=10, warmup_rounds=2)

@@ -270,16 +270,32 @@ def _empty_outputs(x_base: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Te
 
 def perturbed_linear(
     x_base: torch.Tensor, x_pert: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, *,
-    seed: int, weight_offset: int, bias_offset: int, mu: float, rank: int = 0, u_seed: int = 0,
-    u_offset: int = 0, v_offset: int = 0,
+    seed: int, weight_offset: int, bias_offset: int, mu: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_base, y_pert), each (M, N) in x's dtype, for x_base (M, K), x_pert (M, K) or None, W (N, K), b (N,).
 
     y_base = x_base @ W.T + b;  y_pert = x_pert @ (W + mu Z).T + b + mu z_b  (x_pert None: x_base).
-    rank == 0: Z[n, k] = randn(seed, weight_offset + n*K + k). rank > 0: Z = U @ V.T / sqrt(rank),
-    U[n, j] = randn(u_seed, u_offset + n*rank + j), V[k, j] = randn(seed, v_offset + k*rank + j)
-    (weight_offset unused). z_b[n] = randn(seed, bias_offset + n).
+    Z[n, k] = randn(seed, weight_offset + n*K + k), z_b[n] = randn(seed, bias_offset + n).
     """
+    return _perturbed_linear(x_base, x_pert, weight, bias, seed=seed, weight_offset=weight_offset,
+                             bias_offset=bias_offset, mu=mu, rank=0, u_seed=0, u_offset=0, v_offset=0)
+
+
+def lowrank_perturbed_linear(
+    x_base: torch.Tensor, x_pert: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None, *,
+    seed: int, bias_offset: int, mu: float, rank: int, u_seed: int, u_offset: int, v_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """perturbed_linear with Z = U @ V.T / sqrt(rank), rank >= 1: U[n, j] = randn(u_seed, u_offset + n*rank + j),
+    V[k, j] = randn(seed, v_offset + k*rank + j); z_b[n] = randn(seed, bias_offset + n)."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1 for a low-rank direction, got {rank}")
+    return _perturbed_linear(x_base, x_pert, weight, bias, seed=seed, weight_offset=0, bias_offset=bias_offset,
+                             mu=mu, rank=rank, u_seed=u_seed, u_offset=u_offset, v_offset=v_offset)
+
+
+def _perturbed_linear(x_base, x_pert, weight, bias, *, seed, weight_offset, bias_offset, mu, rank, u_seed, u_offset,
+                      v_offset) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_linear_kernel` in full (rank 0) or low-rank mode."""
     y_base, y_pert = _empty_outputs(x_base, weight)
     if y_base.numel() == 0:
         return y_base, y_pert

@@ -36,7 +36,7 @@ def _words_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
     tl.store(row + 3, w3.to(tl.int32, bitcast=True), mask=mask)
 
 
-def philox_randn(out: torch.Tensor, seed: int, offset: int) -> None:
+def philox_randn(out: torch.Tensor, *, seed: int, offset: int) -> None:
     """Fill contiguous `out` (any shape; float32/bfloat16/float16) with randn(seed, offset + i)."""
     n = out.numel()
     if n == 0:
@@ -45,7 +45,7 @@ def philox_randn(out: torch.Tensor, seed: int, offset: int) -> None:
     _randn_kernel[grid](out, n, seed, offset, BLOCK=BLOCK_SIZE)
 
 
-def philox_words(out: torch.Tensor, seed: int, offset: int) -> None:
+def philox_words(out: torch.Tensor, *, seed: int, offset: int) -> None:
     """Fill contiguous int32 `out` of shape (n, 4) with the Philox4x32-10 words at offset + i."""
     n = out.shape[0]
     if n == 0:

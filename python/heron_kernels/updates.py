@@ -110,6 +110,11 @@ def _check_param(param: torch.Tensor, rank: int) -> None:
         raise ValueError(f"low-rank updates need a 2-D parameter, got shape {tuple(param.shape)}")
 
 
+def _check_rank(rank: int) -> None:
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1 for a low-rank direction, got {rank}")
+
+
 def _launch_update(param: torch.Tensor, exp_avg, exp_avg_sq, seeds, grads, *, op: str, decoupled: bool = False,
                    rank: int, u_seed: int, u_offset: int, v_offset: int, **scalars) -> None:
     """Launch `_update_kernel` over param's tiles; `scalars` are its remaining scalar arguments."""
@@ -132,31 +137,59 @@ def _launch_update(param: torch.Tensor, exp_avg, exp_avg_sq, seeds, grads, *, op
 
 
 def zo_sgd_update_(
-    param: torch.Tensor, seeds: torch.Tensor, grads: torch.Tensor, *, offset: int, lr: float,
-    weight_decay: float, rank: int = 0, u_seed: int = 0, u_offset: int = 0, v_offset: int = 0,
+    param: torch.Tensor, seeds: torch.Tensor, grads: torch.Tensor, *, offset: int, lr: float, weight_decay: float,
 ) -> None:
-    """param -= lr * (G + weight_decay * param) in place; G = sum_j grads[j] z_j.
+    """param -= lr * (G + weight_decay * param) in place; G = sum_j grads[j] z_j, z_j[i] = randn(seeds[j], offset + i).
 
-    param: any shape (2-D when rank > 0), float32/bfloat16/float16, contiguous. seeds: int64 (q,),
-    grads: float32 (q,), on param's device. z_j keyed (seeds[j], offset) over param's flat index, or
-    low-rank (rank > 0): U keyed (u_seed, u_offset), V_j keyed (seeds[j], v_offset); offset unused.
+    param: any shape, float32/bfloat16/float16, contiguous. seeds: int64 (q,), grads: float32 (q,), on param's
+    device.
     """
+    _check_param(param, 0)
+    _launch_update(param, None, None, seeds, grads, op="sgd", **_NO_LOWRANK, seed=0, offset=offset, alpha=0.0,
+                   lr=float(lr), weight_decay=float(weight_decay), **_NO_ADAM)
+
+
+def lowrank_zo_sgd_update_(
+    param: torch.Tensor, seeds: torch.Tensor, grads: torch.Tensor, *, lr: float, weight_decay: float, rank: int,
+    u_seed: int, u_offset: int, v_offset: int,
+) -> None:
+    """zo_sgd_update_ of a 2-D param (N, K) with z_j = U @ V_j.T / sqrt(rank): U keyed (u_seed, u_offset),
+    V_j keyed (seeds[j], v_offset)."""
+    _check_rank(rank)
     _check_param(param, rank)
     _launch_update(param, None, None, seeds, grads, op="sgd", rank=rank, u_seed=u_seed, u_offset=u_offset,
-                   v_offset=v_offset, seed=0, offset=offset, alpha=0.0, lr=float(lr),
-                   weight_decay=float(weight_decay), **_NO_ADAM)
+                   v_offset=v_offset, seed=0, offset=0, alpha=0.0, lr=float(lr), weight_decay=float(weight_decay),
+                   **_NO_ADAM)
 
 
 def zo_adam_update_(
     param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, seeds: torch.Tensor,
     grads: torch.Tensor, *, offset: int, lr: float, beta1: float, beta2: float, eps: float,
-    weight_decay: float, step: int, decoupled_weight_decay: bool, rank: int = 0, u_seed: int = 0,
-    u_offset: int = 0, v_offset: int = 0,
+    weight_decay: float, step: int, decoupled_weight_decay: bool,
 ) -> None:
     """One Adam / AdamW step in place on param and its float32 moments exp_avg, exp_avg_sq (param's shape).
 
     Gradient G = sum_j grads[j] z_j as in zo_sgd_update_; step is 1-based (bias correction).
     """
+    _adam(param, exp_avg, exp_avg_sq, seeds, grads, offset=offset, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, step=step, decoupled_weight_decay=decoupled_weight_decay, **_NO_LOWRANK)
+
+
+def lowrank_zo_adam_update_(
+    param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, seeds: torch.Tensor,
+    grads: torch.Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    decoupled_weight_decay: bool, rank: int, u_seed: int, u_offset: int, v_offset: int,
+) -> None:
+    """zo_adam_update_ of a 2-D param with low-rank directions as in lowrank_zo_sgd_update_."""
+    _check_rank(rank)
+    _adam(param, exp_avg, exp_avg_sq, seeds, grads, offset=0, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+          weight_decay=weight_decay, step=step, decoupled_weight_decay=decoupled_weight_decay, rank=rank,
+          u_seed=u_seed, u_offset=u_offset, v_offset=v_offset)
+
+
+def _adam(param, exp_avg, exp_avg_sq, seeds, grads, *, offset, lr, beta1, beta2, eps, weight_decay, step,
+          decoupled_weight_decay, rank, u_seed, u_offset, v_offset) -> None:
+    """`_update_kernel` with OP "adam", full (rank 0) or low-rank directions."""
     _check_param(param, rank)
     if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
         raise ValueError("exp_avg and exp_avg_sq must be contiguous")
@@ -169,8 +202,8 @@ def zo_adam_update_(
     )
 
 
-def perturb_(param: torch.Tensor, seed: int, offset: int, alpha: float) -> None:
+def perturb_(param: torch.Tensor, *, seed: int, offset: int, alpha: float) -> None:
     """param += alpha * z in place, z[i] = randn(seed, offset + i) over param's flat index (any shape)."""
     _check_param(param, 0)
-    _launch_update(param, None, None, None, None, op="perturb", rank=0, u_seed=0, u_offset=0, v_offset=0,
+    _launch_update(param, None, None, None, None, op="perturb", **_NO_LOWRANK,
                    seed=seed, offset=offset, alpha=float(alpha), lr=0.0, weight_decay=0.0, **_NO_ADAM)

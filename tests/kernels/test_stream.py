@@ -209,15 +209,15 @@ class TestBadInput:
         if ext is None:
             pytest.skip("extension not built")
         with pytest.raises(RuntimeError, match="seed must be non-negative"):
-            ext.philox_randn_cpu(torch.empty(3), -1, 0)
+            ext.philox_randn_cpu(torch.empty(3), seed=-1, offset=0)
         with pytest.raises(RuntimeError, match="out must be contiguous"):
-            ext.philox_randn_cpu(torch.empty(4, 4).t(), 1, 0)
+            ext.philox_randn_cpu(torch.empty(4, 4).t(), seed=1, offset=0)
         with pytest.raises(RuntimeError, match="out must be float32, bfloat16 or float16"):
-            ext.philox_randn_cpu(torch.empty(3, dtype=torch.float64), 1, 0)
+            ext.philox_randn_cpu(torch.empty(3, dtype=torch.float64), seed=1, offset=0)
         with pytest.raises(RuntimeError, match="overflows"):
-            ext.philox_randn_cpu(torch.empty(3), 1, 2**63 - 2)
+            ext.philox_randn_cpu(torch.empty(3), seed=1, offset=2**63 - 2)
         with pytest.raises(RuntimeError, match=r"shape \(n, 4\)"):
-            ext.philox_words_cpu(torch.empty(3, 3, dtype=torch.int32), 1, 0)
+            ext.philox_words_cpu(torch.empty(3, 3, dtype=torch.int32), seed=1, offset=0)
 
 
 class TestLayout:

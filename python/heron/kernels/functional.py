@@ -127,8 +127,8 @@ def perturbed_linear(
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
     _, bias_offset = check_key(seed, bias_offset, out_features, offset_name="bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
-        x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, 0, 0, 0, 0,
-        _backend_name(backend, x.device))
+        x_base=x2d, x_pert=xp2d, weight=_frozen(weight), bias=_frozen(bias), seed=seed, weight_offset=offset,
+        bias_offset=bias_offset, mu=mu, backend=_backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
@@ -177,9 +177,9 @@ def lowrank_perturbed_linear(
     u_offset, v_offset = _lowrank_factor_offsets(u_seed, offset, out_features, in_features, rank, u_offset, v_offset)
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
     _, bias_offset = check_key(seed, bias_offset, out_features, offset_name="bias_offset")
-    y_base, y_pert = torch.ops.heron.perturbed_linear(
-        x2d, xp2d, _frozen(weight), _frozen(bias), seed, offset, bias_offset, mu, rank, u_seed, u_offset, v_offset,
-        _backend_name(backend, x.device))
+    y_base, y_pert = torch.ops.heron.lowrank_perturbed_linear(
+        x_base=x2d, x_pert=xp2d, weight=_frozen(weight), bias=_frozen(bias), seed=seed, bias_offset=bias_offset, mu=mu,
+        rank=rank, u_seed=u_seed, u_offset=u_offset, v_offset=v_offset, backend=_backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
@@ -228,8 +228,9 @@ def lora_perturbed_linear(
     b_offset = offset + lora_a.numel() if b_offset is None else b_offset
     _, b_offset = check_key(seed, b_offset, lora_b.numel(), offset_name="b_offset")
     y_base, y_pert = torch.ops.heron.lora_perturbed_linear(
-        x2d, xp2d, _frozen(weight), _frozen(bias), _frozen(lora_a), _frozen(lora_b), scale, seed, offset, b_offset, mu,
-        _backend_name(backend, x.device))
+        x_base=x2d, x_pert=xp2d, weight=_frozen(weight), bias=_frozen(bias), lora_a=_frozen(lora_a),
+        lora_b=_frozen(lora_b), scale=scale, seed=seed, a_offset=offset, b_offset=b_offset, mu=mu,
+        backend=_backend_name(backend, x.device))
     return _unflatten(y_base, x), _unflatten(y_pert, x)
 
 
@@ -257,10 +258,10 @@ def _directions(seed, grad, device: torch.device) -> tuple[torch.Tensor, torch.T
     return torch.tensor(seeds, dtype=torch.int64, device=device), torch.stack(grads)
 
 
-def _lowrank_args(param: torch.Tensor, seeds: torch.Tensor, offset: int, rank: int, u_seed, u_offset, v_offset):
-    """(rank, u_seed, u_offset, v_offset) validated; all zero for full directions."""
-    if rank == 0:
-        return 0, 0, 0, 0
+def _lowrank_keys(param: torch.Tensor, seeds: torch.Tensor, offset: int, rank: int, u_seed, u_offset,
+                  v_offset) -> dict[str, int]:
+    """The validated keys of a low-rank direction (rank > 0) of a 2-D param starting at `offset`, by the
+    low-rank ops' argument names."""
     if param.dim() != 2:
         raise ValueError(f"rank > 0 (low-rank directions) needs a 2-D parameter, got {_describe(param)}")
     out_features, in_features = param.shape
@@ -271,7 +272,7 @@ def _lowrank_args(param: torch.Tensor, seeds: torch.Tensor, offset: int, rank: i
         u_seed = int(seeds[0])
     u_seed = check_int(u_seed, "u_seed", limit=COUNTER_LIMIT)
     u_offset, v_offset = _lowrank_factor_offsets(u_seed, offset, out_features, in_features, rank, u_offset, v_offset)
-    return rank, u_seed, u_offset, v_offset
+    return {"rank": rank, "u_seed": u_seed, "u_offset": u_offset, "v_offset": v_offset}
 
 
 def _check_param(param: object, name: str = "param") -> torch.Tensor:
@@ -317,10 +318,13 @@ def zo_sgd_update_(
     lr = _check_scalar(lr, "lr")
     weight_decay = _check_scalar(weight_decay, "weight_decay", non_negative=True)
     offset = check_key(0, offset, param.numel())[1]
-    rank, u_seed, u_offset, v_offset = _lowrank_args(param, seeds, offset, rank, u_seed, u_offset, v_offset)
     name = _backend_name(backend, param.device)
-    return _in_place(param, lambda p: torch.ops.heron.zo_sgd_update_(
-        p, seeds, grads, offset, lr, weight_decay, rank, u_seed, u_offset, v_offset, name))
+    if rank == 0:
+        return _in_place(param, lambda p: torch.ops.heron.zo_sgd_update_(
+            param=p, seeds=seeds, grads=grads, offset=offset, lr=lr, weight_decay=weight_decay, backend=name))
+    keys = _lowrank_keys(param, seeds, offset, rank, u_seed, u_offset, v_offset)
+    return _in_place(param, lambda p: torch.ops.heron.lowrank_zo_sgd_update_(
+        param=p, seeds=seeds, grads=grads, lr=lr, weight_decay=weight_decay, **keys, backend=name))
 
 
 def zo_adam_update_(
@@ -361,11 +365,16 @@ def zo_adam_update_(
     if step < 1:
         raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {step}")
     offset = check_key(0, offset, param.numel())[1]
-    rank, u_seed, u_offset, v_offset = _lowrank_args(param, seeds, offset, rank, u_seed, u_offset, v_offset)
     name = _backend_name(backend, param.device)
-    return _in_place(param, lambda p: torch.ops.heron.zo_adam_update_(
-        p, exp_avg, exp_avg_sq, seeds, grads, offset, lr, beta1, beta2, eps, weight_decay, step,
-        bool(decoupled_weight_decay), rank, u_seed, u_offset, v_offset, name))
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "step": step,
+             "decoupled_weight_decay": bool(decoupled_weight_decay)}
+    if rank == 0:
+        return _in_place(param, lambda p: torch.ops.heron.zo_adam_update_(
+            param=p, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, seeds=seeds, grads=grads, offset=offset, **hyper,
+            backend=name))
+    keys = _lowrank_keys(param, seeds, offset, rank, u_seed, u_offset, v_offset)
+    return _in_place(param, lambda p: torch.ops.heron.lowrank_zo_adam_update_(
+        param=p, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, seeds=seeds, grads=grads, **hyper, **keys, backend=name))
 
 
 def perturb_(param: torch.Tensor, seed: int, *, alpha: float, offset: int = 0,
@@ -378,7 +387,8 @@ def perturb_(param: torch.Tensor, seed: int, *, alpha: float, offset: int = 0,
     alpha = _check_scalar(alpha, "alpha")
     seed, offset = check_key(seed, offset, param.numel())
     name = _backend_name(backend, param.device)
-    return _in_place(param, lambda p: torch.ops.heron.perturb_(p, seed, offset, alpha, name))
+    return _in_place(param, lambda p: torch.ops.heron.perturb_(param=p, seed=seed, offset=offset, alpha=alpha,
+                                                               backend=name))
 
 
 # Bytes of float32 logits one chunk of linear_cross_entropy holds.

@@ -122,7 +122,7 @@ def seeded_randn(
     out = torch.empty(dims, dtype=dtype, device=_check_device(_as_device(device)))
     seed, offset = check_key(seed, offset, out.numel())
     name = backends.resolve(backend, out.device)
-    torch.ops.heron.philox_randn_(out, seed, offset, name)
+    torch.ops.heron.philox_randn_(out=out, seed=seed, offset=offset, backend=name)
     return out
 
 
@@ -140,7 +140,7 @@ def philox_words(
     out = torch.empty((n, 4), dtype=torch.int32, device=_check_device(_as_device(device)))
     seed, offset = check_key(seed, offset, n)
     name = backends.resolve(backend, out.device)
-    torch.ops.heron.philox_words_(out, seed, offset, name)
+    torch.ops.heron.philox_words_(out=out, seed=seed, offset=offset, backend=name)
     return out.to(torch.int64) & 0xFFFFFFFF
 
 
