@@ -15,8 +15,9 @@ import json
 from dataclasses import asdict, replace
 
 from heron.cli.main import MAIN_JOB
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset, split_clients
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 
 
 def one_round(config: TrainConfig, dataset, client_data) -> dict[str, int]:

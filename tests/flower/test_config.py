@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from heron.flower import config as fc  # noqa: E402
-from heron.sfl.engine import TrainConfig  # noqa: E402
+from heron.sfl.config import TrainConfig  # noqa: E402
 
 
 def test_wire_types_cover_exactly_the_train_config_fields():

@@ -23,7 +23,8 @@ from heron.flower.codec import ClientSync, encode_request  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
 from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
-from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
+from heron.sfl.config import TrainConfig  # noqa: E402
+from heron.sfl.engine import Experiment  # noqa: E402
 
 CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
                      upload_every=1, batch_size=8)

@@ -13,7 +13,8 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from heron.flower.simulation import simulate  # noqa: E402
-from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
+from heron.sfl.config import TrainConfig  # noqa: E402
+from heron.sfl.engine import Experiment  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

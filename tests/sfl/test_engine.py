@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from heron.sfl import checkpoint as ckpt
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.config import TrainConfig
+from heron.sfl.engine import Experiment
 from heron.sfl.methods import METHODS
 from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
 

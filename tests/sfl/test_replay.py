@@ -15,8 +15,9 @@ from torch import nn
 
 from heron.models import cnn_split
 from heron.sfl import checkpoint as ckpt
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 from heron.sfl.replay import (
     ClientReplica,
     SeedScalarUpload,

@@ -20,8 +20,9 @@ from heron.models import GPT2Config, gpt2_split
 from heron.models.bert import BertConfig, bert_split, minilm_dir, minilm_split
 from heron.models.gpt2 import lm_loss
 from heron.sfl import text
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset, split_clients, train_test_indices
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 from heron.sfl.methods import ImageShape, build_split_model
 from heron.sfl.tasks import TASKS, PaddedBatches, evaluation_batches
 from heron.zo.updaters import ZOUpdater

@@ -34,8 +34,9 @@ def _progress():
 def _cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import asdict, fields
 
+    from heron.sfl.config import TrainConfig
     from heron.sfl.data import load_dataset, split_clients
-    from heron.sfl.engine import Experiment, TrainConfig
+    from heron.sfl.engine import Experiment
     from heron.sfl.methods import check_method
     from heron.sfl.report import format_table, plot, report_dict, write_json
 
@@ -115,8 +116,8 @@ def _round_metrics(record) -> str:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, checkpoints: bool = True) -> None:
+    from heron.sfl.config import TrainConfig
     from heron.sfl.data import DATASETS
-    from heron.sfl.engine import TrainConfig
     from heron.sfl.methods import METHODS, MODELS, valid_combinations
 
     d = {**TrainConfig().__dict__, **defaults}

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
     from heron.flower.simulation import simulate
-    from heron.sfl.engine import TrainConfig
+    from heron.sfl.config import TrainConfig
     from heron.sfl.report import format_table, plot, write_json
 
     methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]

@@ -47,7 +47,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from heron.flower.config import check_flower_method, train_config_from_record, train_config_to_record
-from heron.sfl.engine import TrainConfig
+from heron.sfl.config import TrainConfig
 from heron.sfl.replay import BUFFER_PREFIX, SeedScalarUpload
 from heron.sfl.roles import ClientRoundResult, Upload
 

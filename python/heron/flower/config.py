@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from heron.sfl.engine import TrainConfig
+from heron.sfl.config import TrainConfig
 from heron.sfl.methods import AUX_METHODS
 
 # TrainConfig field -> the Python type its value must have (float fields also accept ints); a test keeps it in

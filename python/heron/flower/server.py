@@ -37,7 +37,9 @@ from heron.flower.codec import (
     specs_of,
 )
 from heron.flower.config import check_flower_dataset, check_flower_method
-from heron.sfl.engine import Experiment, MethodReport, RoundRecord, RoundTally, TrainConfig
+from heron.sfl.config import TrainConfig
+from heron.sfl.engine import Experiment
+from heron.sfl.records import MethodReport, RoundRecord, RoundTally
 from heron.sfl.roles import ClientRoundResult, state_bytes
 
 log = logging.getLogger("heron.flower")

@@ -27,7 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 from heron.flower.codec import MESSAGE_TYPE, MessageRejected, decode_reply, encode_request
 from heron.flower.config import FlowerSettings, from_run_config
 from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer
-from heron.sfl.engine import MethodReport, RoundRecord, TrainConfig
+from heron.sfl.config import TrainConfig
+from heron.sfl.records import MethodReport, RoundRecord
 from heron.sfl.roles import state_bytes
 
 log = logging.getLogger("heron.flower")

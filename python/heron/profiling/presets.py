@@ -13,7 +13,8 @@ from torch import nn
 
 from heron.models import GPT2Config, gpt2_split, resnet18_split
 from heron.models.gpt2 import HeadHidden, LMHeadLoss, lm_loss
-from heron.zo.updaters import FOUpdater, MeZOUpdater, ZOUpdater
+from heron.zo import updaters
+from heron.zo.updaters import ZOUpdater
 
 
 @dataclass
@@ -59,11 +60,9 @@ def gpt2m_paper(batch_size: int = 8, seq_len: int = 512, device: str = "cpu") ->
 CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper}
 FORWARD_ONLY = ("zo", "zo-seq", "zo-lowrank", "zo-seq-lowrank", "mezo")
 # zo-lowrank: rank-8 directions on Linear and Conv2d weights (the paper's LoRA rank).
-UPDATERS = {"zo": ZOUpdater, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"),
+UPDATERS = {**updaters.UPDATERS, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"),
             "zo-lowrank": functools.partial(ZOUpdater, perturbation="lowrank", rank=8),
-            "zo-seq-lowrank": functools.partial(ZOUpdater, schedule="sequential", perturbation="lowrank", rank=8),
-            "fo": FOUpdater,
-            "mezo": MeZOUpdater}
+            "zo-seq-lowrank": functools.partial(ZOUpdater, schedule="sequential", perturbation="lowrank", rank=8)}
 
 
 def build_config(name: str, **kwargs: Any) -> ClientConfig:

@@ -525,3 +525,7 @@ class MeZOUpdater(_Updater):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
 
+
+
+# The updaters by kind (heron.sfl's methods and the profiling presets name them so).
+UPDATERS = {"zo": ZOUpdater, "fo": FOUpdater, "mezo": MeZOUpdater}
