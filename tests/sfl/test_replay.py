@@ -294,11 +294,12 @@ class TestBadInput:
             replace(SMALL, client_upload="gradients").validate()
 
     def test_cli_applies_seeds_to_the_zo_methods_of_a_comparison(self, capsys):
-        from heron.cli.main import _client_uploads, build_parser
+        from heron.cli.main import build_parser
+        from heron.cli.train import client_uploads
 
         args = build_parser().parse_args(["train", "--client-upload", "seeds"])
         assert args.client_upload == "seeds"
         assert build_parser().parse_args(["run"]).client_upload == "parameters"
-        assert _client_uploads(["heron", "cse-fsl"], "seeds", True) == {"heron": "seeds", "cse-fsl": "parameters"}
+        assert client_uploads(["heron", "cse-fsl"], "seeds", True) == {"heron": "seeds", "cse-fsl": "parameters"}
         assert "cse-fsl upload parameters" in capsys.readouterr().out
-        assert _client_uploads(["cse-fsl"], "seeds", False) == {"cse-fsl": "seeds"}  # rejected by validate
+        assert client_uploads(["cse-fsl"], "seeds", False) == {"cse-fsl": "seeds"}  # rejected by validate

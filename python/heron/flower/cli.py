@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, fields
 
-    from heron.cli.main import _client_uploads
+    from heron.cli.train import client_uploads
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
     from heron.flower.simulation import simulate
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"heron flower: {error}", file=sys.stderr)
         return 2
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    upload_of = _client_uploads(methods, values["client_upload"], bool(args.compare))
+    upload_of = client_uploads(methods, values["client_upload"], bool(args.compare))
     base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
     settings = FlowerSettings(round_timeout=args.round_timeout).validate()
     runs = []

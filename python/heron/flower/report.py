@@ -1,22 +1,43 @@
-"""The JSON report of Flower runs: `heron train`'s format plus a "flower" section."""
+"""What a Flower run leaves (FlowerRun) and its JSON report: `heron train`'s format plus a "flower" section."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from heron.flower.server_app import FlowerRun
+import torch
+
+from heron.flower.config import FlowerSettings
+from heron.flower.server import RoundOutcome
+from heron.profiling.environment import environment as heron_environment
+from heron.sfl.config import TrainConfig
+from heron.sfl.records import MethodReport
 from heron.sfl.report import report_dict, write_json
+
+
+@dataclass
+class FlowerRun:
+    """What a finished run leaves: the engine's report, the final client (client part + aux head)
+    and server parameters, and each round's aggregated and left-out clients."""
+
+    config: TrainConfig
+    settings: FlowerSettings
+    report: MethodReport
+    client_state: dict[str, torch.Tensor]
+    server_state: dict[str, torch.Tensor]
+    outcomes: list[RoundOutcome]
+
+    def flower_summary(self) -> dict:
+        """The Flower-specific part of a JSON report: settings and per-round outcomes."""
+        return {"settings": asdict(self.settings), "rounds": [asdict(o) for o in self.outcomes]}
 
 
 def environment() -> dict[str, Any]:
     """heron train's environment block plus the Flower version."""
     import flwr
 
-    from heron.cli.main import _environment
-
-    return {**_environment(), "flwr": flwr.__version__}
+    return {**heron_environment(), "flwr": flwr.__version__}
 
 
 def flower_report(runs: list[FlowerRun]) -> dict[str, Any]:

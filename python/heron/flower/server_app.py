@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 from flwr.app import Context, Message
@@ -26,29 +25,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from heron.flower.codec import MESSAGE_TYPE, MessageRejected, decode_reply, encode_request
 from heron.flower.config import FlowerSettings, from_run_config
+from heron.flower.report import FlowerRun, write_report
 from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer
 from heron.sfl.config import TrainConfig
-from heron.sfl.records import MethodReport, RoundRecord
+from heron.sfl.records import RoundRecord
 from heron.sfl.roles import state_bytes
 
 log = logging.getLogger("heron.flower")
-
-
-@dataclass
-class FlowerRun:
-    """What a finished run leaves: the engine's report, the final client (client part + aux head)
-    and server parameters, and each round's aggregated and left-out clients."""
-
-    config: TrainConfig
-    settings: FlowerSettings
-    report: MethodReport
-    client_state: dict[str, torch.Tensor]
-    server_state: dict[str, torch.Tensor]
-    outcomes: list[RoundOutcome]
-
-    def flower_summary(self) -> dict:
-        """The Flower-specific part of a JSON report: settings and per-round outcomes."""
-        return {"settings": asdict(self.settings), "rounds": [asdict(o) for o in self.outcomes]}
 
 
 class _NodeBinding:
@@ -184,8 +167,6 @@ def make_server_app(config: TrainConfig | None = None, settings: FlowerSettings 
             run_config, run_settings = config, (settings or FlowerSettings()).validate()
         run = run_rounds(grid, run_config, run_settings, progress=progress, on_round=on_round)
         if run_settings.report:
-            from heron.flower.report import write_report
-
             write_report(run_settings.report, [run])
             log.info("wrote %s", run_settings.report)
         if on_finish is not None:

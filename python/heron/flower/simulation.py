@@ -9,7 +9,8 @@ from collections.abc import Callable, Collection
 
 from heron.flower.client_app import make_client_app
 from heron.flower.config import FlowerSettings, check_flower_dataset, check_flower_method
-from heron.flower.server_app import FlowerRun, make_server_app
+from heron.flower.report import FlowerRun
+from heron.flower.server_app import make_server_app
 from heron.profiling.memory import peak_memory
 from heron.sfl.config import TrainConfig
 from heron.sfl.records import RoundRecord

@@ -48,7 +48,8 @@ def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], meaning: st
         raise ValueError(f"{name} must have shape {shape} ({meaning}), got {_describe(t)}")
 
 
-def _check_scalar(value: object, name: str, *, nonzero: bool = False, non_negative: bool = False) -> float:
+def check_scalar(value: object, name: str, *, nonzero: bool = False, non_negative: bool = False) -> float:
+    """`value` as a finite float, or a TypeError / ValueError naming `name` and what it got."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     number = float(value)
@@ -121,7 +122,7 @@ def perturbed_linear(
     Non-contiguous inputs are copied to contiguous ones first.
     """
     x2d, xp2d = _check_linear_inputs(x, weight, bias, x_pert)
-    mu = _check_scalar(mu, "mu", nonzero=True)
+    mu = check_scalar(mu, "mu", nonzero=True)
     out_features, in_features = weight.shape
     seed, offset = check_key(seed, offset, out_features * in_features, offset_name="offset")
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
@@ -169,7 +170,7 @@ def lowrank_perturbed_linear(
         (y_base, y_pert), each (..., out) in x's dtype.
     """
     x2d, xp2d = _check_linear_inputs(x, weight, bias, x_pert)
-    mu = _check_scalar(mu, "mu", nonzero=True)
+    mu = check_scalar(mu, "mu", nonzero=True)
     out_features, in_features = weight.shape
     rank = _check_rank(rank, out_features, in_features)
     seed, offset = check_key(seed, offset, out_features * in_features, offset_name="offset")
@@ -222,8 +223,8 @@ def lora_perturbed_linear(
     if tuple(lora_b.shape) != (out_features, rank):
         raise ValueError(f"lora_b must have shape (out_features, r) = ({out_features}, {rank}) to match weight "
                          f"{tuple(weight.shape)} and lora_a {tuple(lora_a.shape)}, got {_describe(lora_b)}")
-    mu = _check_scalar(mu, "mu", nonzero=True)
-    scale = _check_scalar(scale, "scale")
+    mu = check_scalar(mu, "mu", nonzero=True)
+    scale = check_scalar(scale, "scale")
     seed, offset = check_key(seed, offset, lora_a.numel(), offset_name="offset")
     b_offset = offset + lora_a.numel() if b_offset is None else b_offset
     _, b_offset = check_key(seed, b_offset, lora_b.numel(), offset_name="b_offset")
@@ -254,7 +255,7 @@ def _directions(seed, grad, device: torch.device) -> tuple[torch.Tensor, torch.T
                 raise ValueError(f"grad must be a scalar, got a tensor of shape {tuple(g.shape)}")
             grads.append(g.reshape(()).to(device=device, dtype=torch.float32))
         else:
-            grads.append(torch.tensor(_check_scalar(g, "grad"), dtype=torch.float32, device=device))
+            grads.append(torch.tensor(check_scalar(g, "grad"), dtype=torch.float32, device=device))
     return torch.tensor(seeds, dtype=torch.int64, device=device), torch.stack(grads)
 
 
@@ -315,8 +316,8 @@ def zo_sgd_update_(
     """
     _check_param(param)
     seeds, grads = _directions(seed, grad, param.device)
-    lr = _check_scalar(lr, "lr")
-    weight_decay = _check_scalar(weight_decay, "weight_decay", non_negative=True)
+    lr = check_scalar(lr, "lr")
+    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
     offset = check_key(0, offset, param.numel())[1]
     name = _backend_name(backend, param.device)
     if rank == 0:
@@ -355,12 +356,12 @@ def zo_adam_update_(
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
     seeds, grads = _directions(seed, grad, param.device)
-    lr = _check_scalar(lr, "lr")
-    beta1, beta2 = (_check_scalar(b, f"betas[{i}]") for i, b in enumerate(betas))
+    lr = check_scalar(lr, "lr")
+    beta1, beta2 = (check_scalar(b, f"betas[{i}]") for i, b in enumerate(betas))
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must be in [0, 1), got {betas}")
-    eps = _check_scalar(eps, "eps", non_negative=True)
-    weight_decay = _check_scalar(weight_decay, "weight_decay", non_negative=True)
+    eps = check_scalar(eps, "eps", non_negative=True)
+    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
     step = check_int(step, "step", limit=2**62)
     if step < 1:
         raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {step}")
@@ -384,7 +385,7 @@ def perturb_(param: torch.Tensor, seed: int, *, alpha: float, offset: int = 0,
     perturb_(p, s, alpha=mu) followed by perturb_(p, s, alpha=-mu) restores p up to rounding.
     """
     _check_param(param)
-    alpha = _check_scalar(alpha, "alpha")
+    alpha = check_scalar(alpha, "alpha")
     seed, offset = check_key(seed, offset, param.numel())
     name = _backend_name(backend, param.device)
     return _in_place(param, lambda p: torch.ops.heron.perturb_(param=p, seed=seed, offset=offset, alpha=alpha,

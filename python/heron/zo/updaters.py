@@ -124,8 +124,8 @@ class _Updater:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model, self.loss_fn = model, loss_fn
-        self.lr = HF._check_scalar(lr, "lr")
-        self.weight_decay = HF._check_scalar(weight_decay, "weight_decay", non_negative=True)
+        self.lr = HF.check_scalar(lr, "lr")
+        self.weight_decay = HF.check_scalar(weight_decay, "weight_decay", non_negative=True)
         self.seed = seed
         self.cut = cut
         self.param_names = _select_params(model, params)
@@ -199,7 +199,7 @@ class ZOUpdater(_Updater):
                  schedule: str = "dual"):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
         self.schedule = _choice(schedule, "schedule", SCHEDULES)
-        self.mu = HF._check_scalar(mu, "mu", nonzero=True)
+        self.mu = HF.check_scalar(mu, "mu", nonzero=True)
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"q must be a positive int, got {q!r}")
         self.q = q
@@ -451,7 +451,7 @@ class MeZOUpdater(_Updater):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
                  params: Iterable | None = None, cut: str | None = None, **unused: Any):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
-        self.mu = HF._check_scalar(mu, "mu", nonzero=True)
+        self.mu = HF.check_scalar(mu, "mu", nonzero=True)
         self.q = q
         self.optimizer_name = _choice(optimizer, "optimizer", OPTIMIZERS)
         self.optimizer = (None if optimizer == "sgd" else
