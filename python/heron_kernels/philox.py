@@ -1,6 +1,6 @@
 """The perturbation stream in Triton: element i is tl.randn(seed, offset + i).
 
-Launchers take already-validated, contiguous output tensors (heron.stream validates). Offsets
+Launchers take already-validated, contiguous output tensors (heron.kernels.stream validates). Offsets
 are computed in int64 so counters above 2**32 use the high Philox counter word, exactly as
 tl.randint4x does for 64-bit offsets.
 """
