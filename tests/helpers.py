@@ -66,6 +66,33 @@ def small_cases(device_type: str, backend: str) -> bool:
     return interpreted(device_type, backend) or backend == "torch"
 
 
+def linear_cases(shapes: list[tuple[int, int, int]], small_shapes: list[tuple[int, int, int]],
+                 ranks: list[int] | None = None):
+    """Parametrize a linear op's main test over (device, backend) x shape x [rank] x dtype x bias x shared
+    input; the test calls skip_other_shapes(shape, ...) first."""
+    shape_cases = [pytest.param(s, id="x".join(map(str, s))) for s in shapes + small_shapes]
+    marks = [pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS),
+             pytest.mark.parametrize("shape", shape_cases)]
+    if ranks is not None:
+        marks.append(pytest.mark.parametrize("rank", ranks))
+    marks += [pytest.mark.parametrize("dtype", DTYPES, ids=str),
+              pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"]),
+              pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])]
+
+    def decorate(test):
+        for mark in reversed(marks):
+            test = mark(test)
+        return test
+
+    return decorate
+
+
+def skip_other_shapes(shape: tuple[int, ...], small_shapes: list, device_type: str, backend: str) -> None:
+    """The interpreter and the reference take the small shapes, the other backends the others."""
+    if (shape in small_shapes) != small_cases(device_type, backend):
+        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
+
+
 def run_op(op: str, device_type: str, backend: str, **arguments):
     """torch.ops.heron.<op> with `backend` pinned, after skipping where it cannot run."""
     skip_unavailable(device_type, backend, op)

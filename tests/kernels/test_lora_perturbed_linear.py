@@ -13,21 +13,20 @@ import heron
 from heron.kernels import reference
 from tests.helpers import (
     DEVICE_BACKENDS,
-    DTYPES,
     MU,
     SEED,
     assert_outputs_close,
     interpreted,
+    linear_cases,
     linear_inputs,
     run_op,
+    skip_other_shapes,
     skip_unavailable,
-    small_cases,
 )
 from tests.kernels.test_lowrank_perturbed_linear import SHAPES
 from tests.kernels.test_perturbed_linear import SMALL_SHAPES
 
 OP = "lora_perturbed_linear"
-SHAPE_CASES = [pytest.param(s, id="x".join(map(str, s))) for s in SHAPES + SMALL_SHAPES]
 RANKS = [1, 4, 8]
 A_OFFSET, B_OFFSET, SCALE = 2**39 + 13, 2**43 + 17, 0.75
 KEYS = {"scale": SCALE, "seed": SEED, "a_offset": A_OFFSET, "b_offset": B_OFFSET, "mu": MU}
@@ -57,15 +56,9 @@ def check(device_type: str, backend: str, inputs, keys: dict = KEYS) -> None:
     assert_outputs_close(got, reference_outputs(inputs, keys), lowp, inputs.x.dtype)
 
 
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPE_CASES)
-@pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])
+@linear_cases(SHAPES, SMALL_SHAPES, RANKS)
 def test_lora_perturbed_linear(device_type, backend, shape, rank, dtype, bias, shared):
-    if (shape in SMALL_SHAPES) != small_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
+    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared, lora_rank=rank))
 
 

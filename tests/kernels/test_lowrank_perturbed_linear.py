@@ -25,10 +25,11 @@ from tests.helpers import (
     V_OFFSET,
     assert_outputs_close,
     interpreted,
+    linear_cases,
     linear_inputs,
     run_op,
+    skip_other_shapes,
     skip_unavailable,
-    small_cases,
 )
 from tests.kernels.test_perturbed_linear import SMALL_SHAPES, torch_linear
 
@@ -36,7 +37,6 @@ OP = "lowrank_perturbed_linear"
 # (M, N, K); the interpreter gets the small ones
 SHAPES = [(17, 33, 97), (97, 17, 1025), (3, 1025, 17), (1025, 17, 33), (1, 1, 1), (3, 97, 17), (17, 1025, 97),
           (1025, 17, 1025)]
-SHAPE_CASES = [pytest.param(s, id="x".join(map(str, s))) for s in SHAPES + SMALL_SHAPES]
 RANKS = [1, 4, 8]
 
 
@@ -63,15 +63,9 @@ def check(device_type: str, backend: str, inputs, rank: int) -> None:
     assert_outputs_close(got, reference_outputs(inputs, rank), lowp, inputs.x.dtype)
 
 
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPE_CASES)
-@pytest.mark.parametrize("rank", RANKS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])
+@linear_cases(SHAPES, SMALL_SHAPES, RANKS)
 def test_lowrank_perturbed_linear(device_type, backend, shape, rank, dtype, bias, shared):
-    if (shape in SMALL_SHAPES) != small_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
+    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared), rank)
 
 

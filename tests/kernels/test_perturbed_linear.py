@@ -21,17 +21,17 @@ from tests.helpers import (
     WEIGHT_OFFSET,
     assert_outputs_close,
     interpreted,
+    linear_cases,
     linear_inputs,
     run_op,
+    skip_other_shapes,
     skip_unavailable,
-    small_cases,
 )
 
 OP = "perturbed_linear"
 # (M, N, K): each of 1, 3, 17, 97, 1025 as M, as N and as K; the interpreter gets the small ones.
 SHAPES = [(1, 1, 1), (3, 97, 17), (17, 3, 97), (97, 17, 3), (1025, 17, 97), (17, 97, 1025), (3, 1025, 97)]
 SMALL_SHAPES = [(1, 3, 17), (3, 17, 33), (17, 33, 1), (33, 1, 3)]
-SHAPE_CASES = [pytest.param(s, id="x".join(map(str, s))) for s in SHAPES + SMALL_SHAPES]
 
 
 def torch_linear(inputs, z: torch.Tensor, z_b: torch.Tensor | None, mu: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,14 +65,9 @@ def check(device_type: str, backend: str, inputs, **keys) -> None:
 KEYS = {"seed": SEED, "weight_offset": WEIGHT_OFFSET, "bias_offset": BIAS_OFFSET, "mu": MU}
 
 
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", SHAPE_CASES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("shared", [True, False], ids=["shared_input", "two_inputs"])
+@linear_cases(SHAPES, SMALL_SHAPES)
 def test_perturbed_linear(device_type, backend, shape, dtype, bias, shared):
-    if (shape in SMALL_SHAPES) != small_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
+    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared), **KEYS)
 
 
