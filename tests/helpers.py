@@ -66,13 +66,25 @@ def small_cases(device_type: str, backend: str) -> bool:
     return interpreted(device_type, backend) or backend == "torch"
 
 
+def case_id(case) -> str:
+    """17x97 for a shape, 17x97-4 for (shape, rank)."""
+    if isinstance(case, tuple) and all(isinstance(c, int) for c in case):
+        return "x".join(map(str, case))
+    return "-".join(case_id(c) for c in case) if isinstance(case, tuple) else str(case)
+
+
+def sized_cases(cases: list, small: list) -> list:
+    """(device type, backend, case) parameters: every pair of DEVICE_BACKENDS with the cases of its size
+    class, `small` for the interpreter and the reference (small_cases), `cases` for the others."""
+    return [pytest.param(*pair.values, case, marks=pair.marks, id=f"{'-'.join(pair.values)}-{case_id(case)}")
+            for pair in DEVICE_BACKENDS for case in (small if small_cases(*pair.values) else cases)]
+
+
 def linear_cases(shapes: list[tuple[int, int, int]], small_shapes: list[tuple[int, int, int]],
                  ranks: list[int] | None = None):
-    """Parametrize a linear op's main test over (device, backend) x shape x [rank] x dtype x bias x shared
-    input; the test calls skip_other_shapes(shape, ...) first."""
-    shape_cases = [pytest.param(s, id="x".join(map(str, s))) for s in shapes + small_shapes]
-    marks = [pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS),
-             pytest.mark.parametrize("shape", shape_cases)]
+    """Parametrize a linear op's main test over (device, backend, shape of its size class) x [rank] x dtype
+    x bias x shared input."""
+    marks = [pytest.mark.parametrize(("device_type", "backend", "shape"), sized_cases(shapes, small_shapes))]
     if ranks is not None:
         marks.append(pytest.mark.parametrize("rank", ranks))
     marks += [pytest.mark.parametrize("dtype", DTYPES, ids=str),
@@ -85,12 +97,6 @@ def linear_cases(shapes: list[tuple[int, int, int]], small_shapes: list[tuple[in
         return test
 
     return decorate
-
-
-def skip_other_shapes(shape: tuple[int, ...], small_shapes: list, device_type: str, backend: str) -> None:
-    """The interpreter and the reference take the small shapes, the other backends the others."""
-    if (shape in small_shapes) != small_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
 
 
 def run_op(op: str, device_type: str, backend: str, **arguments):

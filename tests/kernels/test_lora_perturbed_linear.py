@@ -20,7 +20,6 @@ from tests.helpers import (
     linear_cases,
     linear_inputs,
     run_op,
-    skip_other_shapes,
     skip_unavailable,
 )
 from tests.kernels.test_lowrank_perturbed_linear import SHAPES
@@ -58,7 +57,6 @@ def check(device_type: str, backend: str, inputs, keys: dict = KEYS) -> None:
 
 @linear_cases(SHAPES, SMALL_SHAPES, RANKS)
 def test_lora_perturbed_linear(device_type, backend, shape, rank, dtype, bias, shared):
-    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared, lora_rank=rank))
 
 

@@ -28,7 +28,6 @@ from tests.helpers import (
     linear_cases,
     linear_inputs,
     run_op,
-    skip_other_shapes,
     skip_unavailable,
 )
 from tests.kernels.test_perturbed_linear import SMALL_SHAPES, torch_linear
@@ -65,7 +64,6 @@ def check(device_type: str, backend: str, inputs, rank: int) -> None:
 
 @linear_cases(SHAPES, SMALL_SHAPES, RANKS)
 def test_lowrank_perturbed_linear(device_type, backend, shape, rank, dtype, bias, shared):
-    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared), rank)
 
 

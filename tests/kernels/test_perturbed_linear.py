@@ -24,7 +24,6 @@ from tests.helpers import (
     linear_cases,
     linear_inputs,
     run_op,
-    skip_other_shapes,
     skip_unavailable,
 )
 
@@ -67,7 +66,6 @@ KEYS = {"seed": SEED, "weight_offset": WEIGHT_OFFSET, "bias_offset": BIAS_OFFSET
 
 @linear_cases(SHAPES, SMALL_SHAPES)
 def test_perturbed_linear(device_type, backend, shape, dtype, bias, shared):
-    skip_other_shapes(shape, SMALL_SHAPES, device_type, backend)
     check(device_type, backend, linear_inputs(shape, dtype, device_type, bias=bias, shared=shared), **KEYS)
 
 

@@ -16,9 +16,9 @@ from tests.helpers import (
     assert_close_to_reference,
     param_inputs,
     run_op,
-    small_cases,
+    sized_cases,
 )
-from tests.kernels.test_zo_sgd_update import ids, lowrank, misaligned
+from tests.kernels.test_zo_sgd_update import lowrank, misaligned
 
 # (shape, rank): full and low-rank directions; the interpreter and the reference take the small cases
 CASES = [((1025,), 0), ((17, 97), 0), ((2, 3, 17), 0), ((17, 97), 4), ((3, 1025), 8), ((1025, 3), 1),
@@ -54,14 +54,12 @@ def check(device_type: str, backend: str, shape, dtype, q: int, rank: int, decou
     assert_close_to_reference(got_v, want_v, elementwise=True, atol=1e-8, what="exp_avg_sq")
 
 
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize(("shape", "rank"), CASES + SMALL_CASES, ids=ids)
+@pytest.mark.parametrize(("device_type", "backend", "case"), sized_cases(CASES, SMALL_CASES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q", [1, 3])
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
-def test_zo_adam_update(device_type, backend, shape, rank, dtype, q, decoupled):
-    if ((shape, rank) in SMALL_CASES) != small_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small cases, the other backends the others")
+def test_zo_adam_update(device_type, backend, case, dtype, q, decoupled):
+    shape, rank = case
     check(device_type, backend, shape, dtype, q, rank, decoupled)
 
 

@@ -19,7 +19,7 @@ from tests.helpers import (
     interpreted,
     param_inputs,
     run_op,
-    small_cases,
+    sized_cases,
 )
 
 FULL_SHAPES = [(1,), (3,), (17,), (97,), (1025,), (17, 97), (3, 1025), (2, 3, 17)]
@@ -28,10 +28,6 @@ SMALL_FULL_SHAPES = [(33,), (3, 5, 7), (17, 33)]
 SMALL_LOWRANK_SHAPES = [(17, 33), (33, 3), (1, 17)]
 RANKS = [1, 4, 8]
 HYPER = {"lr": 0.05, "weight_decay": 0.01}
-
-
-def ids(value) -> str:
-    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def misaligned(param: torch.Tensor) -> torch.Tensor:
@@ -63,29 +59,18 @@ def check(device_type: str, backend: str, shape, dtype, q: int, rank: int, *, of
     assert_close_to_reference(got, want, want.to(dtype), elementwise=True, what="param")
 
 
-def full_cases(device_type: str, backend: str) -> list:
-    return SMALL_FULL_SHAPES if small_cases(device_type, backend) else FULL_SHAPES
-
-
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", FULL_SHAPES + SMALL_FULL_SHAPES, ids=ids)
+@pytest.mark.parametrize(("device_type", "backend", "shape"), sized_cases(FULL_SHAPES, SMALL_FULL_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q", [1, 3])
 def test_zo_sgd_update(device_type, backend, shape, dtype, q):
-    if shape not in full_cases(device_type, backend):
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
     check(device_type, backend, shape, dtype, q, 0)
 
 
-@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
-@pytest.mark.parametrize("shape", LOWRANK_SHAPES + SMALL_LOWRANK_SHAPES, ids=ids)
+@pytest.mark.parametrize(("device_type", "backend", "shape"), sized_cases(LOWRANK_SHAPES, SMALL_LOWRANK_SHAPES))
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q", [1, 3])
 def test_lowrank_zo_sgd_update(device_type, backend, shape, rank, dtype, q):
-    small = SMALL_LOWRANK_SHAPES if small_cases(device_type, backend) else LOWRANK_SHAPES
-    if shape not in small:
-        pytest.skip("the interpreter and the reference take the small shapes, the other backends the others")
     check(device_type, backend, shape, dtype, q, rank)
 
 
