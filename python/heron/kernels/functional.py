@@ -18,10 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from heron.kernels import backends
-from heron.kernels import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
+from heron.kernels.ops import FLOAT_DTYPES  # importing ops registers torch.ops.heron.*
 from heron.kernels.stream import COUNTER_LIMIT, check_int, check_key
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _describe(t: torch.Tensor) -> str:

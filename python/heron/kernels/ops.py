@@ -31,7 +31,7 @@ from torch import Tensor
 from heron.kernels import backends
 from heron.kernels.launchers import LAUNCHERS
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the float ops take
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,6 @@ class OpDefinition:
     signature: inspect.Signature
     mutates: tuple[str, ...]
     op: Callable
-
-    @property
-    def arguments(self) -> list[str]:
-        """The argument names in schema order (`backend` last)."""
-        return list(self.signature.parameters)
 
     @property
     def device_argument(self) -> str:
