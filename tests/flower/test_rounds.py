@@ -3,7 +3,6 @@ with the engine for every supported method, and every way a client can drop out 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 
@@ -13,8 +12,7 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, Context, Error, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Array, Context, RecordDict  # noqa: E402
 
 from heron.flower import server_app  # noqa: E402
 from heron.flower.client import BASE, load_updater_state, run_client_round, save_updater_state  # noqa: E402
@@ -24,58 +22,16 @@ from heron.flower.config import FlowerSettings  # noqa: E402
 from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
 from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
+from tests.flower.inprocess import InProcessGrid, set_task_identity  # noqa: E402
 
 CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
                      upload_every=1, batch_size=8)
 SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
 
 
-class InProcessGrid:
-    """A Grid stand-in: node 100 + i is client i of `partitions`; messages run through the ClientApp right here.
-
-    Like Flower, a node's context is only updated by a call that returns; a raising ClientApp
-    becomes an error reply. silent: nodes that never answer (a timeout); tamper(node, reply):
-    rewrites a node's reply before the server sees it, or returns None to lose it (the node ran the
-    round and kept its context, the server never hears of it).
-    """
-
-    def __init__(self, app, nodes: int, *, partitions: int | None = None, silent=(), tamper=None):
-        self.app, self.silent, self.tamper = app, set(silent), tamper
-        node_config = {"num-partitions": partitions or nodes}
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                                          node_config={**node_config, "partition-id": i})
-                         for i in range(nodes)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if node in self.silent:
-                continue
-            context = copy.deepcopy(self.contexts[node])
-            try:
-                reply = self.app(message, context)
-                self.contexts[node] = context
-            except Exception as error:  # noqa: BLE001 - what Flower's runtime does with a raising ClientApp
-                reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            reply = self.tamper(node, reply) if self.tamper else reply
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def _set_task_identity(monkeypatch) -> None:
-    """Messages read the run and node ids of the current task, which Flower's runtime sets."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    _set_task_identity(monkeypatch)
+    set_task_identity(monkeypatch)
 
 
 def _equal_states(a, b) -> bool:
@@ -288,7 +244,7 @@ def _updater_states_equal(a, b) -> bool:
 def parameters_run_losing_client_1():
     """A parameters run in which client 1's round-1 reply is lost."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _set_task_identity(monkeypatch)
+        set_task_identity(monkeypatch)
         grid = InProcessGrid(make_client_app(), 3, tamper=_drop_first_reply_of(101, "lost"))
         return run_rounds(grid, CONFIG, FlowerSettings())
 

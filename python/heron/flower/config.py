@@ -107,12 +107,19 @@ def train_config_from_record(record: Mapping[str, Any]) -> TrainConfig:
     if missing or extra:
         raise ValueError(f"train config: missing keys {missing}, unexpected keys {extra}")
     values = {key: _typed(key, record[key], kind) for key, kind in _TRAIN_TYPES.items()}
-    values["backend"] = values["backend"] or None
+    return TrainConfig(**_unset_to_none(values)).validate()
+
+
+def _unset_to_none(values: dict[str, Any]) -> dict[str, Any]:
+    """Flower's stand-ins for None (backend "", cut / aux_layers 0: the model's default) back to None."""
+    if "backend" in values:
+        values["backend"] = values["backend"] or None
     for key in _OPTIONAL_INTS:
-        if values[key] < 0:
-            raise ValueError(f"config key {key!r} must be >= 0 (0: the model's default), got {values[key]}")
-        values[key] = values[key] or None
-    return TrainConfig(**values).validate()
+        if key in values:
+            if values[key] < 0:
+                raise ValueError(f"config key {key!r} must be >= 0 (0: the model's default), got {values[key]}")
+            values[key] = values[key] or None
+    return values
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, FlowerSettings]:
@@ -121,9 +128,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, FlowerS
     if unknown:
         raise ValueError(f"run config has unknown keys {unknown}; valid keys: "
                          f"{sorted(_TRAIN_TYPES) + sorted(_SETTING_TYPES)}")
-    train = {k: _typed(k, v, _TRAIN_TYPES[k]) for k, v in run_config.items() if k in _TRAIN_TYPES}
-    if "backend" in train:
-        train["backend"] = train["backend"] or None
+    train = _unset_to_none({k: _typed(k, v, _TRAIN_TYPES[k]) for k, v in run_config.items() if k in _TRAIN_TYPES})
     settings = {k: _typed(k, v, _SETTING_TYPES[k]) for k, v in run_config.items() if k in _SETTING_TYPES}
     config = TrainConfig(**train).validate()
     check_flower_method(config.method)
