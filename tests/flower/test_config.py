@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
+
+from flwr.common.config import get_fused_config_from_dir  # noqa: E402
 
 from heron.flower import config as fc  # noqa: E402
 from heron.sfl.engine import TrainConfig  # noqa: E402
@@ -23,8 +26,6 @@ def test_wire_types_cover_exactly_the_train_config_fields():
 def test_app_run_config_lists_every_setting():
     """The Flower app's pyproject.toml, read as `flwr run` reads it, lists every TrainConfig field and
     Flower setting (client_upload included), and parses; --run-config overrides reach the TrainConfig."""
-    from flwr.common.config import get_fused_config_from_dir
-
     run_config = get_fused_config_from_dir(APP, {})
     assert set(run_config) == set(fc._TRAIN_TYPES) | set(fc._SETTING_TYPES)
     assert fc.from_run_config(run_config)[0].client_upload == "parameters"
@@ -59,8 +60,10 @@ def test_run_config_fills_defaults_and_checks_keys():
         fc.from_run_config({"cut": -1})
     with pytest.raises(ValueError, match=r"unknown keys \['round-timeout'\]"):
         fc.from_run_config({"round-timeout": 3})
-    with pytest.raises(ValueError, match="round_timeout must be a finite number >= 0"):
-        fc.from_run_config({"round_timeout": -1.0})
+    for timeout in (0.0, -1.0, math.inf):  # a node that hangs must not stall the run
+        with pytest.raises(ValueError, match="round_timeout must be a finite number of seconds > 0"):
+            fc.from_run_config({"round_timeout": timeout})
+    assert fc.FlowerSettings().round_timeout == fc.ROUND_TIMEOUT == get_fused_config_from_dir(APP, {})["round_timeout"]
 
 
 @pytest.mark.parametrize("method", ["sflv1", "sflv2"])
@@ -91,7 +94,6 @@ def test_shipped_app_config_runs_every_image_model(model, monkeypatch):
     round on the app's pyproject.toml as `flwr run` reads it, for every model the Flower app takes;
     only the model and the round's size are overridden."""
     from flwr.app import Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
 
     from heron.flower import client_app, server_app
     from tests.flower.inprocess import InProcessGrid, set_task_identity

@@ -73,21 +73,54 @@ def _nan_weights(node, reply):
     return reply
 
 
+def _left_out(outcome) -> list[tuple[int | None, int | None, str]]:
+    return [(entry.client_id, entry.node_id, entry.reason) for entry in outcome.left_out]
+
+
 def test_failed_silent_and_malformed_clients_are_left_out(caplog):
+    """Nodes 101-103 never deliver a usable reply, so the server never learns which clients they are:
+    each of them is left out by node, and each client the round misses by client."""
     config = TrainConfig(**{**CONFIG.__dict__, "clients": 4})
     grid = InProcessGrid(make_client_app(fail_clients={1}), config.clients, silent={103}, tamper=_nan_weights)
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, config, FlowerSettings(round_timeout=5.0))
     for outcome in run.outcomes:
         assert outcome.aggregated == [0]
-        reasons = {entry.node_id: entry.reason for entry in outcome.left_out}
-        assert "InjectedFailure: client 1: failure injected" in reasons[101]
-        assert "heron.model/0.0.weight: contains NaN or infinite values" in reasons[102]
-        assert reasons[103] == "no reply within round_timeout=5.0 s"
+        (c1, r1), (c2, r2), (c3, r3), (n1, f1), (n2, f2), (n3, f3) = [(e[0], e[2]) if e[0] is not None
+                                                                       else (e[1], e[2]) for e in _left_out(outcome)]
+        unidentified = "(nodes left out this round before identifying their client: 101, 102, 103)"
+        assert (c1, c2, c3) == (1, 2, 3) and r1 == r2 == r3 == f"no reply as this client {unidentified}"
+        assert (n1, n2, n3) == (101, 102, 103)
+        assert f1.startswith("client failed (error code 2): InjectedFailure: client 1: failure injected")
+        assert "heron.model/0.0.weight: contains NaN or infinite values" in f2
+        assert f3 == "no reply within round_timeout=5.0 s"
     assert "round 2: node 101 left out: client failed (error code 2): InjectedFailure" in caplog.text
     assert len(run.report.rounds) == 2 and all(bool(torch.isfinite(v).all()) for v in run.client_state.values())
     model_bytes = sum(v.numel() * v.element_size() for v in run.client_state.values())
     assert run.report.rounds[0].bytes_down == 4 * model_bytes  # sent to every node
+
+
+def test_a_node_flower_reports_unavailable_is_left_out_once_as_its_client(caplog):
+    """Node 102 (client 2) stops after round 1: Flower's SuperLink answers for it with an error reply
+    sent from the SuperLink's own node id. Client 2 is left out once, by its node, with Flower's reason."""
+    grid = InProcessGrid(make_client_app(), 3)
+    with caplog.at_level(logging.WARNING, logger="heron.flower"):
+        run = run_rounds(grid, CONFIG, FlowerSettings(round_timeout=5.0), on_round=lambda _: grid.dead.add(102))
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1]]
+    ((client, node, reason),) = _left_out(run.outcomes[1])
+    assert (client, node) == (2, 102)
+    assert reason.startswith("node unavailable (Flower error code ") and "Node Unavailable" in reason
+    assert "node 1 " not in caplog.text
+
+
+def test_a_client_without_a_node_is_left_out_every_round():
+    """Client 2's node 102 goes away after round 1 (it is no longer listed as connected)."""
+    grid = InProcessGrid(make_client_app(), 3)
+    run = run_rounds(grid, TrainConfig(**{**CONFIG.__dict__, "rounds": 3}), FlowerSettings(node_wait=0.0),
+                     on_round=lambda _: grid.contexts.pop(102, None))
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1], [0, 1]]
+    for outcome in run.outcomes[1:]:
+        assert _left_out(outcome) == [(2, 102, "its node 102 is not connected")]
 
 
 def test_a_round_without_valid_replies_keeps_the_model(caplog):
@@ -97,7 +130,9 @@ def test_a_round_without_valid_replies_keeps_the_model(caplog):
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, config, FlowerSettings())
     assert _equal_states(run.client_state, initial)
-    assert run.outcomes[0].aggregated == [] and len(run.outcomes[0].left_out) == 3
+    assert run.outcomes[0].aggregated == []
+    assert [(e.client_id, e.node_id) for e in run.outcomes[0].left_out] == [
+        (0, None), (1, None), (2, None), (None, 100), (None, 101), (None, 102)]
     assert run.report.rounds[0].server_loss is None and run.report.rounds[0].bytes_up == 0
     assert "round 1: no valid client replies; the global client model is kept" in caplog.text
 
@@ -111,8 +146,9 @@ def test_a_node_cannot_speak_for_another_client():
     run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=impersonate), CONFIG, FlowerSettings())
     for outcome in run.outcomes:
         assert outcome.aggregated == [0, 1]
-        (entry,) = outcome.left_out
-        assert entry.node_id == 102 and "client 0 is node 100; node 102 replied as client 0 too" in entry.reason
+        assert _left_out(outcome) == [
+            (2, None, "no reply as this client (nodes left out this round before identifying their client: 102)"),
+            (None, 102, "reply rejected: client 0 is node 100; node 102 replied as client 0 too")]
 
 
 def test_client_state_survives_in_the_context_only():
@@ -154,6 +190,7 @@ def test_missing_nodes_do_not_stop_the_run(caplog):
         run = run_rounds(InProcessGrid(make_client_app(), 2, partitions=3), CONFIG, FlowerSettings(node_wait=0.0))
     assert [o.aggregated for o in run.outcomes] == [[0, 1], [0, 1]]
     assert "round 1: only 2 of 3 nodes connected; running with them" in caplog.text
+    assert [_left_out(o) for o in run.outcomes] == [[(2, None, "no reply as this client")]] * 2
 
 
 class RestartingGrid(InProcessGrid):
@@ -250,7 +287,7 @@ def parameters_run_losing_client_1():
 
 
 @pytest.mark.parametrize(("how", "reason"), [
-    ("lost", "no reply within round_timeout=0.0 s"),
+    ("lost", "no reply within round_timeout="),
     ("malformed", "reply rejected: heron.seeds/projected_grads: contains NaN or infinite values"),
     ("unreplayable", "reply rejected: heron.seeds: step 0 of client 1 has seeds"),
 ])
@@ -264,8 +301,8 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
         run = run_rounds(grid, SEEDS, FlowerSettings())
     (server,) = servers
     assert [o.aggregated for o in run.outcomes] == [[0, 2], [0, 1, 2]]
-    (entry,) = run.outcomes[0].left_out
-    assert entry.node_id == 101 and reason in entry.reason
+    (node_entry,) = [entry for entry in run.outcomes[0].left_out if entry.node_id == 101]
+    assert reason in node_entry.reason and 1 in {entry.client_id for entry in run.outcomes[0].left_out}
     assert "client 1: the server did not use its last round (reply lost, late or rejected); undoing it: back " \
            "from step 2 to step 0" in caplog.text
     assert server.sync == [ClientSync(0, 4), ClientSync(0, 2), ClientSync(0, 4)]

@@ -34,26 +34,32 @@ _TRAIN_TYPES: dict[str, type] = {
 
 _OPTIONAL_INTS = ("cut", "aux_layers")  # None travels as 0
 
+# The default round timeout (s): a round of the app's default run (cnn, 10 local steps) takes well under a
+# minute on a 2-core CPU; ResNet-18 or many local steps on small devices may need more (set round_timeout).
+ROUND_TIMEOUT = 600.0
+
 
 @dataclass
 class FlowerSettings:
     """What the Flower transport adds to a TrainConfig.
 
-    round_timeout: seconds the ServerApp waits for a round's replies (0: until every node replies).
+    round_timeout: seconds the ServerApp waits for a round's replies; a client that has not replied by
+        then is left out of the round (its message expires, so it does not train a round the server gave
+        up on). Finite, so a node that hangs (while still heartbeating) cannot stall the run.
     node_wait: seconds the ServerApp waits for `clients` nodes before round 1 (later rounds: for any
         node, when none is connected); each round runs with the nodes connected.
     report: when set, the ServerApp writes the run's JSON report (heron train's format) here.
     """
 
-    round_timeout: float = 0.0
+    round_timeout: float = ROUND_TIMEOUT
     node_wait: float = 120.0
     report: str = ""
 
     def validate(self) -> FlowerSettings:
-        for name in ("round_timeout", "node_wait"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ValueError(f"round_timeout must be a finite number of seconds > 0, got {self.round_timeout}")
+        if not (math.isfinite(self.node_wait) and self.node_wait >= 0):
+            raise ValueError(f"node_wait must be a finite number >= 0, got {self.node_wait}")
         return self
 
 

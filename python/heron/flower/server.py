@@ -45,11 +45,16 @@ log = logging.getLogger("heron.flower")
 
 @dataclass
 class LeftOut:
-    """A node whose reply was not used in a round, and why."""
+    """A client, or a node, that a round did not aggregate, and why.
 
-    node_id: int
+    client_id: the client, when the server knows it (None: a node that was left out before it ever
+    identified its client with a usable reply). node_id: the node the server sent the round to (None:
+    no node replied as this client).
+    """
+
+    client_id: int | None
+    node_id: int | None
     reason: str
-    client_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,17 @@ class Accepted:
     model_bytes: int
 
 
+def describe(entry: LeftOut) -> str:
+    """'client 2 (node 7)', 'client 2' (no node replied as it) or 'node 7' (its client is not known)."""
+    if entry.client_id is None:
+        return f"node {entry.node_id}"
+    return f"client {entry.client_id}" + ("" if entry.node_id is None else f" (node {entry.node_id})")
+
+
 @dataclass
 class RoundOutcome:
-    """Which clients a round aggregated and which nodes it left out."""
+    """Which clients a round aggregated and which it left out (every client of the run is in one of the
+    two lists; nodes left out before identifying their client are listed with client_id None)."""
 
     round: int
     aggregated: list[int] = field(default_factory=list)

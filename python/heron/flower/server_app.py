@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from heron.flower.codec import MESSAGE_TYPE, MessageRejected, decode_reply, encode_request
 from heron.flower.config import FlowerSettings, from_run_config
-from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer
+from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer, describe
 from heron.sfl.engine import MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import state_bytes
 
@@ -52,21 +52,26 @@ class FlowerRun:
 
 class _NodeBinding:
     """Which node is which client: a node keeps the client id it first replied with, and no two
-    connected nodes share one. A client whose node has gone (a restarted SuperNode comes back with
-    a new node id) may be taken over by a new node; its updater state then starts afresh."""
+    nodes that answer a round share one. A client whose node has gone (a restarted SuperNode comes
+    back with a new node id; the old one no longer answers) may be taken over by a new node; its
+    updater state then starts afresh."""
 
     def __init__(self):
         self.client_of: dict[int, int] = {}
 
-    def check(self, node_id: int, client_id: int, connected: set[int]) -> str | None:
-        """None when node_id may speak for client_id (binding it), otherwise the reason it may not."""
+    def node_of(self, client_id: int) -> int | None:
+        return next((n for n, c in self.client_of.items() if c == client_id), None)
+
+    def check(self, node_id: int, client_id: int, answering: set[int]) -> str | None:
+        """None when node_id may speak for client_id (binding it), otherwise the reason it may not.
+        answering: the nodes that answered this round themselves (not through a SuperLink error)."""
         bound = self.client_of.get(node_id)
         if bound is not None and bound != client_id:
             return f"node {node_id} is client {bound} but replied as client {client_id}"
-        holder = next((n for n, c in self.client_of.items() if c == client_id and n != node_id), None)
-        if holder is not None and holder in connected:
+        holder = self.node_of(client_id)
+        if holder is not None and holder != node_id and holder in answering:
             return f"client {client_id} is node {holder}; node {node_id} replied as client {client_id} too"
-        if holder is not None:
+        if holder is not None and holder != node_id:
             log.warning("client %d moved from node %d (gone) to node %d", client_id, holder, node_id)
             del self.client_of[holder]
         self.client_of[node_id] = client_id
@@ -98,71 +103,116 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
     server = SplitServer(config, progress=progress)
     server.start()
     binding = _NodeBinding()
-    timeout = settings.round_timeout or None
+    timeout = settings.round_timeout
     for round_index in range(config.rounds):
         nodes = _connected_nodes(grid, config.clients, settings.node_wait, round_index)
         started = time.perf_counter()
         state = server.broadcast()
         content = encode_request(config, round_index, state, sync=server.sync)
-        # With a timeout, the messages expire with it: a node must not train a round the server gave up on.
+        # The messages expire with the timeout: a node must not train a round the server gave up on.
         messages = [Message(content, node, MESSAGE_TYPE, group_id=str(round_index + 1), ttl=timeout)
                     for node in nodes]
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         outcome = RoundOutcome(round_index + 1)
-        valid = _accept_replies(replies, server, round_index, state, binding, set(nodes), outcome)
-        for node in sorted(set(nodes) - {reply.metadata.src_node_id for reply in replies}):
-            _leave_out(outcome, round_index, LeftOut(node, f"no reply within round_timeout={settings.round_timeout} s",
-                                                     binding.client_of.get(node)))
+        round_replies = _RoundReplies(messages, replies, round_index, outcome)
+        valid = _accept_replies(round_replies, server, round_index, state, binding)
+        for node in nodes:
+            if node not in round_replies.by_node:
+                round_replies.leave_out(node, binding.client_of.get(node), f"no reply within round_timeout={timeout} s")
         record = server.finish_round(round_index, valid, outcome, bytes_down=state_bytes(state) * len(messages),
                                      started=started)
+        _account_clients(outcome, config.clients, binding, set(nodes), round_index)
         if on_round is not None:
             on_round(record)
     return FlowerRun(config, settings, server.report(), server.client_parameters(), server.server_parameters(),
                      server.outcomes)
 
 
-def _accept_replies(replies: list[Message], server: SplitServer, round_index: int, broadcast: dict[str, torch.Tensor],
-                    binding: _NodeBinding, connected: set[int], outcome: RoundOutcome) -> list[Accepted]:
+class _RoundReplies:
+    """A round's replies by the node each one answers: the node the answered message was sent to
+    (`reply_to_message_id`), not the reply's sender, which for an error Flower's SuperLink raises on a
+    node's behalf (e.g. a node that stopped heartbeating) is the SuperLink itself."""
+
+    def __init__(self, messages: list[Message], replies: list[Message], round_index: int, outcome: RoundOutcome):
+        self.round_index, self.outcome = round_index, outcome
+        sent_to = {message.metadata.message_id: message.metadata.dst_node_id for message in messages}
+        self.by_node: dict[int, Message] = {}
+        for reply in replies:
+            node = sent_to.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                log.warning("round %d: ignored a reply to a message this round did not send (from node %d)",
+                            round_index + 1, reply.metadata.src_node_id)
+            elif node in self.by_node:
+                log.warning("round %d: node %d sent a second reply; only the first is used", round_index + 1, node)
+            else:
+                self.by_node[node] = reply
+        # the nodes that answered themselves, alive this round (an error reply from a ClientApp counts)
+        self.answering = {node for node, reply in self.by_node.items() if reply.metadata.src_node_id == node}
+
+    def leave_out(self, node: int, client_id: int | None, reason: str) -> None:
+        _leave_out(self.outcome, self.round_index, LeftOut(client_id, node, reason))
+
+
+def _accept_replies(round_replies: _RoundReplies, server: SplitServer, round_index: int,
+                    broadcast: dict[str, torch.Tensor], binding: _NodeBinding) -> list[Accepted]:
     """The replies the round uses, absorbed by the server; the others are left out with their reason."""
     spec = server.reply_spec(round_index)
-    valid, seen = [], set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if node in seen:
-            _leave_out(outcome, round_index, LeftOut(node, "a second reply in one round (only the first is used)",
-                                                     binding.client_of.get(node)))
-            continue
-        seen.add(node)
+    valid = []
+    for node, reply in sorted(round_replies.by_node.items()):
+        known = binding.client_of.get(node)
         if reply.has_error():
             error = reply.error
-            _leave_out(outcome, round_index, LeftOut(node, f"client failed (error code {error.code}): {error.reason}",
-                                                     binding.client_of.get(node)))
+            what = "client failed (error code" if node in round_replies.answering else "node unavailable (Flower " \
+                "error code"
+            round_replies.leave_out(node, known, f"{what} {error.code}): {error.reason}")
             continue
         try:
             decoded = decode_reply(reply.content, spec)
         except MessageRejected as error:
-            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {error}", binding.client_of.get(node)))
+            round_replies.leave_out(node, known, f"reply rejected: {error}")
             continue
         except Exception as error:  # noqa: BLE001 - whatever a node sends must not end the round
-            _leave_out(outcome, round_index, LeftOut(node, f"reply could not be decoded: {type(error).__name__}: "
-                                                     f"{error}", binding.client_of.get(node)))
+            round_replies.leave_out(node, known, f"reply could not be decoded: {type(error).__name__}: {error}")
             continue
         client_id = decoded.result.client_id
-        problem = binding.check(node, client_id, connected)
+        problem = binding.check(node, client_id, round_replies.answering)
         if problem is not None:
-            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {problem}", client_id))
+            round_replies.leave_out(node, known, f"reply rejected: {problem}")
             continue
         try:  # not under the catch-all above: a replay that fails midway is a bug, not a bad reply
             valid.append(server.absorb(decoded, broadcast))
         except MessageRejected as error:
-            _leave_out(outcome, round_index, LeftOut(node, f"reply rejected: {error}", client_id))
+            round_replies.leave_out(node, client_id, f"reply rejected: {error}")
     return valid
 
 
-def _leave_out(outcome: RoundOutcome, round_index: int, entry: LeftOut) -> None:
-    client = "" if entry.client_id is None else f" (client {entry.client_id})"
-    log.warning("round %d: node %d%s left out: %s", round_index + 1, entry.node_id, client, entry.reason)
-    outcome.left_out.append(entry)
+def _account_clients(outcome: RoundOutcome, clients: int, binding: _NodeBinding, nodes: set[int],
+                     round_index: int) -> None:
+    """Every client the round neither aggregated nor left out by its node is left out by client; the nodes
+    left out without a known client are listed after the clients, as they were found."""
+    named = set(outcome.aggregated) | {entry.client_id for entry in outcome.left_out}
+    unidentified = [entry for entry in outcome.left_out if entry.client_id is None]
+    suffix = (" (nodes left out this round before identifying their client: "
+              f"{', '.join(str(entry.node_id) for entry in unidentified)})" if unidentified else "")
+    missing = []
+    for client_id in range(clients):
+        if client_id in named:
+            continue
+        node = binding.node_of(client_id)
+        if node is not None and node not in nodes:
+            missing.append(LeftOut(client_id, node, f"its node {node} is not connected"))
+        else:
+            missing.append(LeftOut(client_id, None, f"no reply as this client{suffix}"))
+    for entry in missing:
+        _leave_out(outcome, round_index, entry, record=False)
+    identified = [entry for entry in outcome.left_out if entry.client_id is not None]
+    outcome.left_out = sorted(identified + missing, key=lambda entry: entry.client_id) + unidentified
+
+
+def _leave_out(outcome: RoundOutcome, round_index: int, entry: LeftOut, *, record: bool = True) -> None:
+    log.warning("round %d: %s left out: %s", round_index + 1, describe(entry), entry.reason)
+    if record:
+        outcome.left_out.append(entry)
 
 
 def make_server_app(config: TrainConfig | None = None, settings: FlowerSettings | None = None, *,
