@@ -211,6 +211,23 @@ def test_a_restarted_node_takes_over_its_client():
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
 
 
+def test_a_restarted_node_takes_over_while_flower_still_lists_the_old_one():
+    """SuperNode 102 (client 2) is killed after round 1 and restarted as node 200; the SuperLink still
+    lists 102 until its heartbeat expires and answers for it with "node unavailable". Node 200 takes
+    client 2 over in round 2: the old node no longer answers itself."""
+    grid = InProcessGrid(make_client_app(), 3)
+
+    def restart(_):
+        grid.dead.add(102)
+        grid.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
+                                     node_config=grid.contexts[102].node_config)
+
+    run = run_rounds(grid, CONFIG, FlowerSettings(), on_round=restart)
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+    ((client, node, reason),) = _left_out(run.outcomes[1])
+    assert (client, node) == (None, 102) and reason.startswith("node unavailable")
+
+
 # -- seed-and-scalar uploads ----------------------------------------------------------------------------
 
 def _record(record, **zeroed):

@@ -190,6 +190,10 @@ def _account_clients(outcome: RoundOutcome, clients: int, binding: _NodeBinding,
                      round_index: int) -> None:
     """Every client the round neither aggregated nor left out by its node is left out by client; the nodes
     left out without a known client are listed after the clients, as they were found."""
+    for entry in outcome.left_out:
+        if entry.client_id in outcome.aggregated:  # its client was taken over by another node this round
+            entry.reason += f" (it was client {entry.client_id}, which another node took over)"
+            entry.client_id = None
     named = set(outcome.aggregated) | {entry.client_id for entry in outcome.left_out}
     unidentified = [entry for entry in outcome.left_out if entry.client_id is None]
     suffix = (" (nodes left out this round before identifying their client: "
