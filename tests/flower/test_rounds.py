@@ -3,6 +3,7 @@ with the engine for every supported method, and every way a client can drop out 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -394,3 +395,56 @@ def test_a_client_out_of_step_with_the_server_refuses_the_round():
                                          r"1 of generation 0, this node's saved updater states of that generation "
                                          r"are at steps \[2, 0\]"):
         run_client_round(encode_request(SEEDS, 1, broadcast, sync=sync), state, client_id=1)
+
+
+# -- a failed run -----------------------------------------------------------------------------------------
+
+def _serve(app, grid, run_config=None):
+    app(grid, Context(run_id=1, node_id=0, state=RecordDict(), run_config=run_config or {}, node_config={}))
+
+
+def test_a_run_that_fails_midway_says_so_in_its_report(tmp_path, capsys):
+    """Every node is gone after round 1: the ServerApp fails in round 2, and still writes the report of
+    round 1 with status "failed" and the error; it prints the failure (which `flwr log` shows)."""
+    path = tmp_path / "report.json"
+    grid = InProcessGrid(make_client_app(), 3)
+    app = server_app.make_server_app(CONFIG, FlowerSettings(node_wait=0.0, report=str(path)))
+    with pytest.raises(RuntimeError, match="round 2: no node connected"):
+        _serve(app, _vanishing(grid))
+    report = json.loads(path.read_text())
+    assert report["status"] == "failed" and "round 2: no node connected" in report["error"]
+    assert [r["round"] for r in report["methods"]["heron"]["rounds"]] == [1]
+    assert report["flower"]["heron"]["status"] == "failed"
+    assert "heron: the run FAILED: RuntimeError: round 2: no node connected" in capsys.readouterr().out
+
+
+def test_a_run_refused_at_the_start_says_so_in_its_report(tmp_path):
+    path = tmp_path / "report.json"
+    with pytest.raises(ValueError, match="method 'sflv1' is not supported"):
+        _serve(server_app.make_server_app(), InProcessGrid(make_client_app(), 3),
+               {"method": "sflv1", "report": str(path)})
+    report = json.loads(path.read_text())
+    assert report["status"] == "failed" and "method 'sflv1' is not supported" in report["error"]
+    assert report["run_config"] == {"method": "sflv1", "report": str(path)}
+
+
+def test_a_finished_run_says_so_in_its_report(tmp_path):
+    path = tmp_path / "report.json"
+    config = TrainConfig(**{**CONFIG.__dict__, "rounds": 1})
+    _serve(server_app.make_server_app(config, FlowerSettings(report=str(path))), InProcessGrid(make_client_app(), 3))
+    report = json.loads(path.read_text())
+    assert report["status"] == "completed" and "error" not in report
+    assert report["flower"]["heron"]["status"] == "completed"
+
+
+def _vanishing(grid):
+    """`grid`, whose nodes all disconnect after the first round."""
+    send = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):
+        replies = send(messages, timeout=timeout)
+        grid.contexts.clear()
+        return replies
+
+    grid.send_and_receive = send_and_receive
+    return grid

@@ -20,13 +20,21 @@ def environment() -> dict[str, Any]:
 
 
 def flower_report(runs: list[FlowerRun]) -> dict[str, Any]:
-    """{"config", "environment", "methods"} as heron train writes them, and "flower": {method: {"settings",
-    "rounds": [{"round", "aggregated", "left_out"}]}}."""
+    """{"status", "config", "environment", "methods"} (heron train's report, and "completed" or "failed"), with
+    "error" when a run failed, and "flower": {method: {"settings", "status", "rounds": [{"round",
+    "aggregated", "left_out"}]}}."""
     methods = [run.config.method for run in runs]
     report = report_dict(asdict(runs[0].config) | {"methods": methods}, environment(), [run.report for run in runs])
+    errors = [run.error for run in runs if run.status != "completed"]
+    report = {"status": "failed" if errors else "completed", **({"error": errors[0]} if errors else {}), **report}
     report["flower"] = {run.config.method: run.flower_summary() for run in runs}
     return report
 
 
 def write_report(path: str | Path, runs: list[FlowerRun]) -> None:
     write_json(path, flower_report(runs))
+
+
+def write_failure(path: str | Path, error: str, run_config: dict[str, Any]) -> None:
+    """The report of a run that failed before its first round (e.g. a run config it refused)."""
+    write_json(path, {"status": "failed", "error": error, "run_config": run_config})

@@ -35,8 +35,9 @@ log = logging.getLogger("heron.flower")
 
 @dataclass
 class FlowerRun:
-    """What a finished run leaves: the engine's report, the final client (client part + aux head)
-    and server parameters, and each round's aggregated and left-out clients."""
+    """What a run leaves: the engine's report, the final client (client part + aux head) and server
+    parameters, and each round's aggregated and left-out clients. status "failed": the run stopped
+    with `error` after the rounds it reports."""
 
     config: TrainConfig
     settings: FlowerSettings
@@ -44,10 +45,22 @@ class FlowerRun:
     client_state: dict[str, torch.Tensor]
     server_state: dict[str, torch.Tensor]
     outcomes: list[RoundOutcome]
+    status: str = "completed"
+    error: str | None = None
 
     def flower_summary(self) -> dict:
-        """The Flower-specific part of a JSON report: settings and per-round outcomes."""
-        return {"settings": asdict(self.settings), "rounds": [asdict(o) for o in self.outcomes]}
+        """The Flower-specific part of a JSON report: settings, status (and error) and per-round outcomes."""
+        error = {} if self.error is None else {"error": self.error}
+        return {"settings": asdict(self.settings), "status": self.status, **error,
+                "rounds": [asdict(o) for o in self.outcomes]}
+
+
+class RunFailed(RuntimeError):
+    """A run that failed after it started: `run` holds the rounds it finished (status "failed")."""
+
+    def __init__(self, run: FlowerRun):
+        super().__init__(run.error)
+        self.run = run
 
 
 class _NodeBinding:
@@ -102,6 +115,20 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
     """Run `config.rounds` rounds over `grid`; returns the FlowerRun."""
     server = SplitServer(config, progress=progress)
     server.start()
+
+    def finished(**status) -> FlowerRun:
+        return FlowerRun(config, settings, server.report(), server.client_parameters(), server.server_parameters(),
+                         server.outcomes, **status)
+
+    try:
+        _rounds(grid, server, config, settings, on_round)
+    except Exception as error:
+        raise RunFailed(finished(status="failed", error=f"{type(error).__name__}: {error}")) from error
+    return finished()
+
+
+def _rounds(grid: Grid, server: SplitServer, config: TrainConfig, settings: FlowerSettings,
+            on_round: Callable[[RoundRecord], None] | None) -> None:
     binding = _NodeBinding()
     timeout = settings.round_timeout
     for round_index in range(config.rounds):
@@ -124,8 +151,6 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
         _account_clients(outcome, config.clients, binding, set(nodes), round_index)
         if on_round is not None:
             on_round(record)
-    return FlowerRun(config, settings, server.report(), server.client_parameters(), server.server_parameters(),
-                     server.outcomes)
 
 
 class _RoundReplies:
@@ -225,22 +250,37 @@ def make_server_app(config: TrainConfig | None = None, settings: FlowerSettings 
                     on_round: Callable[[RoundRecord], None] | None = None) -> ServerApp:
     """A ServerApp for `config` (None: read TrainConfig and FlowerSettings from the run config).
 
-    on_finish receives the FlowerRun; when settings.report is set the JSON report is written there.
+    on_finish receives the FlowerRun; when settings.report is set the JSON report is written there. A run
+    that fails still writes its report (status "failed", the error, the rounds it finished), prints
+    "heron: the run FAILED: ..." and raises, so that Flower marks it failed (`flwr ls`: finished:failed).
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if config is None:
-            run_config, run_settings = from_run_config(context.run_config)
-        else:
-            run_config, run_settings = config, (settings or FlowerSettings()).validate()
-        run = run_rounds(grid, run_config, run_settings, progress=progress, on_round=on_round)
-        if run_settings.report:
-            from heron.flower.report import write_report
+        from heron.flower.report import write_failure, write_report
 
-            write_report(run_settings.report, [run])
-            log.info("wrote %s", run_settings.report)
+        report = "" if config is not None else context.run_config.get("report", "")
+        try:
+            if config is None:
+                run_config, run_settings = from_run_config(context.run_config)
+            else:
+                run_config, run_settings = config, (settings or FlowerSettings()).validate()
+            report = run_settings.report
+            run = run_rounds(grid, run_config, run_settings, progress=progress, on_round=on_round)
+        except Exception as error:
+            reason = error.run.error if isinstance(error, RunFailed) else f"{type(error).__name__}: {error}"
+            print(f"heron: the run FAILED: {reason}", flush=True)
+            if isinstance(report, str) and report:
+                if isinstance(error, RunFailed):
+                    write_report(report, [error.run])
+                else:
+                    write_failure(report, reason, dict(context.run_config))
+                log.info("wrote %s", report)
+            raise
+        if report:
+            write_report(report, [run])
+            log.info("wrote %s", report)
         if on_finish is not None:
             on_finish(run)
 
