@@ -49,21 +49,36 @@ class FlowerSettings:
     node_wait: seconds the ServerApp waits for `clients` nodes before round 1 (later rounds: for any
         node, when none is connected); each round runs with the nodes connected.
     report: when set, the ServerApp writes the run's JSON report (heron train's format) here.
+    max_smashed_ratio, max_update_ratio, clip_ratio: the bounds on one client's reply
+        (heron.flower.screen): its smashed data at most max_smashed_ratio x the largest output of the
+        broadcast client part on the server's images; its update's norm at most max_update_ratio x the
+        broadcast model's norm (beyond either, the reply is rejected); within them, its update's norm
+        clipped to clip_ratio x the round's median update norm.
     """
 
     round_timeout: float = ROUND_TIMEOUT
     node_wait: float = 120.0
     report: str = ""
+    max_smashed_ratio: float = 100.0
+    max_update_ratio: float = 1.0
+    clip_ratio: float = 3.0
 
     def validate(self) -> FlowerSettings:
         if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
             raise ValueError(f"round_timeout must be a finite number of seconds > 0, got {self.round_timeout}")
         if not (math.isfinite(self.node_wait) and self.node_wait >= 0):
             raise ValueError(f"node_wait must be a finite number >= 0, got {self.node_wait}")
+        for name in ("max_smashed_ratio", "max_update_ratio", "clip_ratio"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if self.clip_ratio < 1:
+            raise ValueError(f"clip_ratio must be >= 1 (below 1 it clips the median client), got {self.clip_ratio}")
         return self
 
 
-_SETTING_TYPES: dict[str, type] = {"round_timeout": float, "node_wait": float, "report": str}
+_SETTING_TYPES: dict[str, type] = {"round_timeout": float, "node_wait": float, "report": str,
+                                   "max_smashed_ratio": float, "max_update_ratio": float, "clip_ratio": float}
 
 
 def check_flower_method(method: str) -> str:

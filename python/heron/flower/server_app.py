@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from heron.flower.codec import MESSAGE_TYPE, MessageRejected, decode_reply, encode_request
 from heron.flower.config import FlowerSettings, from_run_config
-from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer, describe
+from heron.flower.server import Accepted, LeftOut, RoundOutcome, SplitServer
 from heron.sfl.engine import MethodReport, RoundRecord, TrainConfig
 from heron.sfl.roles import state_bytes
 
@@ -113,7 +113,7 @@ def run_rounds(grid: Grid, config: TrainConfig, settings: FlowerSettings, *,
                progress: Callable[[str], None] | None = None,
                on_round: Callable[[RoundRecord], None] | None = None) -> FlowerRun:
     """Run `config.rounds` rounds over `grid`; returns the FlowerRun."""
-    server = SplitServer(config, progress=progress)
+    server = SplitServer(config, settings, progress=progress)
     server.start()
 
     def finished(**status) -> FlowerRun:
@@ -146,8 +146,8 @@ def _rounds(grid: Grid, server: SplitServer, config: TrainConfig, settings: Flow
         for node in nodes:
             if node not in round_replies.by_node:
                 round_replies.leave_out(node, binding.client_of.get(node), f"no reply within round_timeout={timeout} s")
-        record = server.finish_round(round_index, valid, outcome, bytes_down=state_bytes(state) * len(messages),
-                                     started=started)
+        record = server.finish_round(round_index, valid, outcome, broadcast=state,
+                                     bytes_down=state_bytes(state) * len(messages), started=started)
         _account_clients(outcome, config.clients, binding, set(nodes), round_index)
         if on_round is not None:
             on_round(record)
@@ -175,7 +175,7 @@ class _RoundReplies:
         self.answering = {node for node, reply in self.by_node.items() if reply.metadata.src_node_id == node}
 
     def leave_out(self, node: int, client_id: int | None, reason: str) -> None:
-        _leave_out(self.outcome, self.round_index, LeftOut(client_id, node, reason))
+        self.outcome.leave_out(LeftOut(client_id, node, reason))
 
 
 def _accept_replies(round_replies: _RoundReplies, server: SplitServer, round_index: int,
@@ -205,7 +205,7 @@ def _accept_replies(round_replies: _RoundReplies, server: SplitServer, round_ind
             round_replies.leave_out(node, known, f"reply rejected: {problem}")
             continue
         try:  # not under the catch-all above: a replay that fails midway is a bug, not a bad reply
-            valid.append(server.absorb(decoded, broadcast))
+            valid.append(server.absorb(decoded, broadcast, node))
         except MessageRejected as error:
             round_replies.leave_out(node, client_id, f"reply rejected: {error}")
     return valid
@@ -233,15 +233,9 @@ def _account_clients(outcome: RoundOutcome, clients: int, binding: _NodeBinding,
         else:
             missing.append(LeftOut(client_id, None, f"no reply as this client{suffix}"))
     for entry in missing:
-        _leave_out(outcome, round_index, entry, record=False)
+        outcome.leave_out(entry, record=False)
     identified = [entry for entry in outcome.left_out if entry.client_id is not None]
     outcome.left_out = sorted(identified + missing, key=lambda entry: entry.client_id) + unidentified
-
-
-def _leave_out(outcome: RoundOutcome, round_index: int, entry: LeftOut, *, record: bool = True) -> None:
-    log.warning("round %d: %s left out: %s", round_index + 1, describe(entry), entry.reason)
-    if record:
-        outcome.left_out.append(entry)
 
 
 def make_server_app(config: TrainConfig | None = None, settings: FlowerSettings | None = None, *,
