@@ -91,7 +91,7 @@ def _scaled_model(node: int, factor: float):
 def test_an_update_far_beyond_the_model_is_rejected():
     run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=_scaled_model(102, 1e6)), CONFIG, FlowerSettings())
     assert [o.aggregated for o in run.outcomes] == [[0, 1], [0, 1]]
-    assert "client update: norm" in _reasons(run, 2)[-1] and "max_update_ratio=1 x" in _reasons(run, 2)[-1]
+    assert "client update: norm" in _reasons(run, 2)[-1] and "max_update_ratio=10 x" in _reasons(run, 2)[-1]
 
 
 def test_a_seeds_upload_beyond_the_bound_leaves_the_replica_as_it_was(servers):
@@ -127,9 +127,9 @@ def test_a_declared_sample_count_other_than_the_assigned_shard_is_rejected(serve
 
 
 def test_an_update_within_the_bounds_is_clipped_to_the_median():
-    """Client 2 sends 2.5 x its model (an update far larger than the others', but under max_update_ratio=10):
+    """Client 2 sends 2.5 x its model (an update far larger than the others', but under max_update_ratio):
     FedAvg uses it clipped to clip_ratio x the round's median update norm."""
-    settings = FlowerSettings(max_update_ratio=10.0)
+    settings = FlowerSettings()
     run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=_scaled_model(102, 2.5)), CONFIG, settings)
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
     assert [o.clipped for o in run.outcomes] == [[2], [2]]
@@ -148,3 +148,17 @@ def test_server_training_that_turns_non_finite_is_undone(servers):
                                         "non-finite values (undone)")
     assert _equal_states(hostile.server_state, failing.server_state)
     assert _equal_states(hostile.client_state, failing.client_state)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_hostile_node_ends_within_2_points_of_the_clean_run():
+    """Client 2 sends 1e30-valued smashed data and model in all 5 rounds: the run finishes, never uses
+    them, and its final accuracy is within 2 points of the same run with client 2 honest (measured:
+    0.9805 clean, 0.9694 hostile)."""
+    config = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=5, local_steps=10,
+                         batch_size=32)
+    clean = run_rounds(InProcessGrid(make_client_app(), 3), config, FlowerSettings())
+    hostile = run_rounds(InProcessGrid(make_client_app(hostile_clients={2}), 3), config, FlowerSettings())
+    assert [o.aggregated for o in hostile.outcomes] == [[0, 1]] * 5
+    assert len(hostile.report.rounds) == 5 and all(torch.isfinite(v).all() for v in hostile.client_state.values())
+    assert abs(hostile.report.final_accuracy - clean.report.final_accuracy) <= 0.02

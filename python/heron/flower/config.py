@@ -60,7 +60,7 @@ class FlowerSettings:
     node_wait: float = 120.0
     report: str = ""
     max_smashed_ratio: float = 100.0
-    max_update_ratio: float = 1.0
+    max_update_ratio: float = 10.0
     clip_ratio: float = 3.0
 
     def validate(self) -> FlowerSettings:

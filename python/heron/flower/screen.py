@@ -8,10 +8,14 @@ The server therefore also bounds each reply by references the sending client can
 - smashed data: its largest magnitude may be at most `max_smashed_ratio` times the largest
   magnitude the round's broadcast client part produces on a batch of the server's own images
   (`smashed_reference`). One round of honest local steps moves the client part only a little from
-  the broadcast, so its outputs stay of the same order.
+  the broadcast, so its outputs stay of the same order (measured as above: at most 1.21 x; the
+  default bound is 100).
 - client update (its state minus the broadcast, every floating-point entry: parameters and
   BatchNorm statistics): its L2 norm may be at most `max_update_ratio` times the broadcast
-  model's norm. An honest round moves a model by a small fraction of its norm.
+  model's norm. An honest round moves a model by a fraction of its norm (measured, 10 local steps,
+  3 clients, cnn and resnet18, heron / cse-fsl, Adam and SGD: at most 0.43 in round 1, where the
+  BatchNorm statistics move most from their initial values; 0.07-0.15 by round 3; the default
+  bound is 10).
 - a reply within both bounds is clipped: its update's norm to `clip_ratio` times the median update
   norm of the round's accepted replies (with 3 or more replies, an honest majority sets the median;
   a reply within the clip is used exactly as sent, so honest runs are unchanged).
