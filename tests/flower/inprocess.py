@@ -7,9 +7,17 @@ import copy
 import uuid
 
 import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
+
+from heron.sfl.engine import TrainConfig
+
+# A small run of every in-process test: 3 clients, 2 rounds of 2 local steps on digits.
+CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
+                     upload_every=1, batch_size=8)
+SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
 
 
 class InProcessGrid:
@@ -59,3 +67,8 @@ def set_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Messages read the run and node ids of the current task, which Flower's runtime sets."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def equal_states(a, b) -> bool:
+    """Two state dicts with the same keys and bit-equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -14,40 +14,17 @@ pytest.importorskip("flwr")
 
 from flwr.app import Array  # noqa: E402
 
-from heron.flower import server_app  # noqa: E402
 from heron.flower.client_app import make_client_app  # noqa: E402
 from heron.flower.codec import ClientSync  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
-from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
 from heron.sfl.engine import TrainConfig  # noqa: E402
-from tests.flower.inprocess import InProcessGrid, set_task_identity  # noqa: E402
-
-CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
-                     upload_every=1, batch_size=8)
-SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
+from tests.flower.inprocess import CONFIG, SEEDS, InProcessGrid, equal_states, set_task_identity  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     set_task_identity(monkeypatch)
-
-
-@pytest.fixture
-def servers(monkeypatch):
-    made = []
-
-    class Recorded(SplitServer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(server_app, "SplitServer", Recorded)
-    return made
-
-
-def _equal_states(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _records(run):
@@ -68,8 +45,8 @@ def test_a_hostile_client_changes_nothing(config, servers):
     assert [o.aggregated for o in hostile.outcomes] == [[0, 1], [0, 1]]
     for reason in _reasons(hostile, 2)[1:]:
         assert reason.startswith("reply rejected: smashed/0: largest magnitude 1e+30 exceeds")
-    assert _equal_states(hostile.client_state, failing.client_state)
-    assert _equal_states(hostile.server_state, failing.server_state)
+    assert equal_states(hostile.client_state, failing.client_state)
+    assert equal_states(hostile.server_state, failing.server_state)
     assert _records(hostile) == _records(failing)
     assert servers[0].sync[2] == ClientSync()  # nothing of client 2 was taken
 
@@ -146,8 +123,8 @@ def test_server_training_that_turns_non_finite_is_undone(servers):
     assert [o.aggregated for o in hostile.outcomes] == [[0, 1], [0, 1]]
     assert _reasons(hostile, 2)[-1] == ("reply rejected: training the server part on its smashed data gave "
                                         "non-finite values (undone)")
-    assert _equal_states(hostile.server_state, failing.server_state)
-    assert _equal_states(hostile.client_state, failing.client_state)
+    assert equal_states(hostile.server_state, failing.server_state)
+    assert equal_states(hostile.client_state, failing.client_state)
 
 
 @pytest.mark.slow

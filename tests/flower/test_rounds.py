@@ -20,23 +20,14 @@ from heron.flower.client import BASE, load_updater_state, run_client_round, save
 from heron.flower.client_app import make_client_app  # noqa: E402
 from heron.flower.codec import ClientSync, encode_request  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
-from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
 from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
-from tests.flower.inprocess import InProcessGrid, set_task_identity  # noqa: E402
-
-CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
-                     upload_every=1, batch_size=8)
-SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
+from tests.flower.inprocess import CONFIG, SEEDS, InProcessGrid, equal_states, set_task_identity  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
     set_task_identity(monkeypatch)
-
-
-def _equal_states(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("method", ["heron", "cse-fsl", "mezo"])
@@ -45,8 +36,8 @@ def test_flower_rounds_equal_the_engine(method):
     run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
     engine = Experiment(config)
     engine.run()
-    assert _equal_states(run.client_state, engine.client_parameters())
-    assert _equal_states(run.server_state, engine.server_model.state_dict())
+    assert equal_states(run.client_state, engine.client_parameters())
+    assert equal_states(run.server_state, engine.server_model.state_dict())
     for got, want in zip(run.report.rounds, engine.history, strict=True):
         assert {**got.__dict__, "seconds": 0} == {**want.__dict__, "seconds": 0}
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
@@ -62,8 +53,8 @@ def test_flower_lowrank_rounds_equal_the_engine(upload, schedule):
     run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
     engine = Experiment(config)
     engine.run()
-    assert _equal_states(run.client_state, engine.client_parameters())
-    assert _equal_states(run.server_state, engine.server_model.state_dict())
+    assert equal_states(run.client_state, engine.client_parameters())
+    assert equal_states(run.server_state, engine.server_model.state_dict())
 
 
 def _nan_weights(node, reply):
@@ -130,7 +121,7 @@ def test_a_round_without_valid_replies_keeps_the_model(caplog):
     grid = InProcessGrid(make_client_app(fail_clients={0, 1, 2}), config.clients)
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, config, FlowerSettings())
-    assert _equal_states(run.client_state, initial)
+    assert equal_states(run.client_state, initial)
     assert run.outcomes[0].aggregated == []
     assert [(e.client_id, e.node_id) for e in run.outcomes[0].left_out] == [
         (0, None), (1, None), (2, None), (None, 100), (None, 101), (None, 102)]
@@ -243,8 +234,8 @@ def test_seeds_run_equals_the_engine_in_both_upload_modes():
     engine_seeds.run()
     engine_parameters.run()
     for engine in (engine_seeds, engine_parameters):
-        assert _equal_states(run.client_state, engine.client_parameters())
-        assert _equal_states(run.server_state, engine.server_model.state_dict())
+        assert equal_states(run.client_state, engine.client_parameters())
+        assert equal_states(run.server_state, engine.server_model.state_dict())
     for got, seeds, parameters in zip(run.report.rounds, engine_seeds.history, engine_parameters.history,
                                       strict=True):
         assert _record(got) == _record(seeds)
@@ -252,20 +243,6 @@ def test_seeds_run_equals_the_engine_in_both_upload_modes():
         assert got.bytes_up < parameters.bytes_up
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
     assert not any(o.left_out for o in run.outcomes)
-
-
-@pytest.fixture
-def servers(monkeypatch):
-    """The SplitServer of each run_rounds call (to look at its replicas and step counts)."""
-    made = []
-
-    class Recorded(SplitServer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(server_app, "SplitServer", Recorded)
-    return made
 
 
 def _drop_first_reply_of(node: int, how: str):
@@ -330,8 +307,8 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
 
     reference = parameters_run_losing_client_1
     assert [o.aggregated for o in reference.outcomes] == [[0, 2], [0, 1, 2]]
-    assert _equal_states(run.client_state, reference.client_state)
-    assert _equal_states(run.server_state, reference.server_state)
+    assert equal_states(run.client_state, reference.client_state)
+    assert equal_states(run.server_state, reference.server_state)
     for got, want in zip(run.report.rounds, reference.report.rounds, strict=True):
         assert _record(got, bytes_up=0) == _record(want, bytes_up=0) and got.bytes_up < want.bytes_up
 
