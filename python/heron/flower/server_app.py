@@ -2,12 +2,15 @@
 
 Each round the ServerApp sends every connected node the run's TrainConfig, the round index, where
 it has each client's updater (codec.ClientSync) and the global client model (heron.flower.codec),
-waits for the replies (at most `round_timeout` seconds when set), checks each one, absorbs the
-valid ones (`SplitServer.absorb`: in seeds mode the client's replica replays its upload) and hands
-them to `SplitServer.finish_round`, which trains the server part on them in client-id order and
-averages them (FedAvg). A node that fails (an error reply), times out, sends a malformed reply or an
-upload its replica cannot replay, or claims a client id that another node holds is left out of that
-round with a logged reason; a round without one valid reply keeps the previous global model.
+waits at most `round_timeout` seconds for the replies, matches each reply to the node it answers,
+checks it, absorbs the valid ones (`SplitServer.absorb`: the reply bounds of heron.flower.screen;
+in seeds mode the client's replica replays its upload) and hands them to `SplitServer.finish_round`,
+which trains the server part on them in client-id order and averages them (FedAvg). A node that
+fails (an error reply, its own or the SuperLink's on its behalf), times out, sends a malformed,
+out-of-bound or unreplayable reply, or claims a client id that another answering node holds is left
+out of that round with a logged reason, and every client the round does not aggregate is listed
+in its RoundOutcome; a round without one valid reply keeps the previous global model. A run that
+fails still writes its report (status "failed").
 
 Configured from `context.run_config` (heron.flower.config) when deployed; `make_server_app(config,
 settings)` fixes the configuration in code (used by `heron flower` and the tests).
@@ -148,7 +151,7 @@ def _rounds(grid: Grid, server: SplitServer, config: TrainConfig, settings: Flow
                 round_replies.leave_out(node, binding.client_of.get(node), f"no reply within round_timeout={timeout} s")
         record = server.finish_round(round_index, valid, outcome, broadcast=state,
                                      bytes_down=state_bytes(state) * len(messages), started=started)
-        _account_clients(outcome, config.clients, binding, set(nodes), round_index)
+        _account_clients(outcome, config.clients, binding, set(nodes))
         if on_round is not None:
             on_round(record)
 
@@ -211,8 +214,7 @@ def _accept_replies(round_replies: _RoundReplies, server: SplitServer, round_ind
     return valid
 
 
-def _account_clients(outcome: RoundOutcome, clients: int, binding: _NodeBinding, nodes: set[int],
-                     round_index: int) -> None:
+def _account_clients(outcome: RoundOutcome, clients: int, binding: _NodeBinding, nodes: set[int]) -> None:
     """Every client the round neither aggregated nor left out by its node is left out by client; the nodes
     left out without a known client are listed after the clients, as they were found."""
     for entry in outcome.left_out:
