@@ -16,7 +16,7 @@ CMAKE_BUILD := cmake-build
 NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 RUN_ARGS ?=
 
-.PHONY: run test lint pytest cpp-test cuda-check bench clean setup
+.PHONY: run test lint pytest cpp-test cuda-check bench clean setup flower-faults
 
 run: $(INSTALLED)
 	$(VPY) -m heron run $(RUN_ARGS)
@@ -60,6 +60,11 @@ cuda-check:
 	    $(NVCC) -std=c++17 -O3 -Icsrc -arch=$$arch -c $$f -o /dev/null || exit 1; \
 	  done; \
 	done; echo "cuda-check: CUDA sources compile for sm_80 and sm_90"
+
+# Faults on a real Flower deployment on 127.0.0.1 (a SuperNode killed mid-round and restarted, a slow
+# node); it waits out the round timeout three times, so it is not part of `make test`.
+flower-faults: $(INSTALLED)
+	HERON_FLOWER_FAULTS=1 $(VPY) -m pytest tests/flower/test_deployment_faults.py -v
 
 bench: $(INSTALLED)
 	$(VPY) -m pytest bench -m bench --benchmark-json=bench/results/latest.json $(BENCH_ARGS)

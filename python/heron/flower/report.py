@@ -18,8 +18,9 @@ from heron.sfl.report import report_dict, write_json
 
 @dataclass
 class FlowerRun:
-    """What a finished run leaves: the engine's report, the final client (client part + aux head)
-    and server parameters, and each round's aggregated and left-out clients."""
+    """What a run leaves: the engine's report, the final client (client part + aux head) and server
+    parameters, and each round's aggregated and left-out clients. status "failed": the run stopped
+    with `error` after the rounds it reports."""
 
     config: TrainConfig
     settings: FlowerSettings
@@ -27,10 +28,14 @@ class FlowerRun:
     client_state: dict[str, torch.Tensor]
     server_state: dict[str, torch.Tensor]
     outcomes: list[RoundOutcome]
+    status: str = "completed"
+    error: str | None = None
 
     def flower_summary(self) -> dict:
-        """The Flower-specific part of a JSON report: settings and per-round outcomes."""
-        return {"settings": asdict(self.settings), "rounds": [asdict(o) for o in self.outcomes]}
+        """The Flower-specific part of a JSON report: settings, status (and error) and per-round outcomes."""
+        error = {} if self.error is None else {"error": self.error}
+        return {"settings": asdict(self.settings), "status": self.status, **error,
+                "rounds": [asdict(o) for o in self.outcomes]}
 
 
 def environment() -> dict[str, Any]:
@@ -41,13 +46,21 @@ def environment() -> dict[str, Any]:
 
 
 def flower_report(runs: list[FlowerRun]) -> dict[str, Any]:
-    """{"config", "environment", "methods"} as heron train writes them, and "flower": {method: {"settings",
-    "rounds": [{"round", "aggregated", "left_out"}]}}."""
+    """{"status", "config", "environment", "methods"} (heron train's report, and "completed" or "failed"), with
+    "error" when a run failed, and "flower": {method: {"settings", "status", "rounds": [{"round",
+    "aggregated", "left_out"}]}}."""
     methods = [run.config.method for run in runs]
     report = report_dict(asdict(runs[0].config) | {"methods": methods}, environment(), [run.report for run in runs])
+    errors = [run.error for run in runs if run.status != "completed"]
+    report = {"status": "failed" if errors else "completed", **({"error": errors[0]} if errors else {}), **report}
     report["flower"] = {run.config.method: run.flower_summary() for run in runs}
     return report
 
 
 def write_report(path: str | Path, runs: list[FlowerRun]) -> None:
     write_json(path, flower_report(runs))
+
+
+def write_failure(path: str | Path, error: str, run_config: dict[str, Any]) -> None:
+    """The report of a run that failed before its first round (e.g. a run config it refused)."""
+    write_json(path, {"status": "failed", "error": error, "run_config": run_config})
