@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from heron.configs import UPDATERS
+from heron.models.split import SplitModel
 from heron.profile import profile_step
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.data import DATASET_KINDS, load_dataset, split_clients
@@ -33,6 +34,8 @@ from heron.sfl.state import pack, unpack
 from heron.sfl.tasks import Evaluation, client_batches, task_of
 from heron.stream import derive_seed
 from heron.updaters import SCHEDULES
+
+USER_MODEL = "user"  # TrainConfig.model of a run on a model the user split (Experiment(split=...))
 
 
 @dataclass
@@ -74,7 +77,7 @@ class TrainConfig:
             raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
         if self.zo_rank < 0:
             raise ValueError(f"zo_rank must be >= 0 (0: full directions), got {self.zo_rank}")
-        if self.dataset in DATASET_KINDS:  # user datasets are checked when the model is built
+        if self.dataset in DATASET_KINDS and self.model != USER_MODEL:  # user datasets: checked when it is built
             check_model_fits(self.model, DATASET_KINDS[self.dataset], self.dataset)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:
@@ -202,8 +205,15 @@ class Experiment:
     """One method's run; `run()` returns its MethodReport."""
 
     def __init__(self, config: TrainConfig, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 progress: Callable[[str], None] | None = None, dataset=None, client_data=None):
+                 progress: Callable[[str], None] | None = None, dataset=None, client_data=None,
+                 split: SplitModel | None = None):
+        """split: the user's own model already split (e.g. heron.models.cut.split_at of a Hugging Face
+        model), with config.model = "user"; copies of its parts are trained, the split is not changed."""
+        if (split is None) != (config.model != USER_MODEL):
+            raise ValueError(f"a user-split model needs config.model={USER_MODEL!r} and split=..., together; got "
+                             f"model={config.model!r} and split={'given' if split is not None else None}")
         self.config = config.validate()
+        self.user_split = None if split is None else copy.deepcopy(split)
         self.device = torch.device(config.device)
         self.log = progress or (lambda message: None)
         self.dataset = dataset if dataset is not None else load_dataset(config.dataset, seed=config.seed)
@@ -217,7 +227,9 @@ class Experiment:
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        split = build_split_model(cfg.model, self.dataset, cut=cfg.cut, aux_layers=cfg.aux_layers).to(self.device)
+        split = self.user_split if self.user_split is not None else build_split_model(
+            cfg.model, self.dataset, cut=cfg.cut, aux_layers=cfg.aux_layers)
+        split = split.to(self.device)
         self.aux_method = cfg.method in AUX_METHODS
         self.task = task_of(self.dataset)
         self.loss_fn = self.task.loss_fn
