@@ -349,12 +349,16 @@ def _pretrained_minilm() -> nn.Module:
         transformers.logging.set_verbosity(verbosity)
 
 
+_MINILM_BATCH = {"test": (4, 6), "bench": (16, 64), "bench-small-batch": (2, 32)}
+
+
 def minilm(lora: bool, size: str = "test") -> Workload:
-    """The pretrained all-MiniLM-L6-v2 with a new 5-way classifier, whole or under PEFT LoRA."""
+    """The pretrained all-MiniLM-L6-v2 with a new 5-way classifier, whole or under PEFT LoRA
+    (batch x tokens by size: "test" 4 x 6, "bench" 16 x 64, "bench-small-batch" 2 x 32)."""
     model = copy.deepcopy(_pretrained_minilm())
     if lora:
         model = with_lora(model, ["query", "value"], task_type="SEQ_CLS")
-    n, length = (4, 6) if size == "test" else (16, 64)
+    n, length = _MINILM_BATCH[size]
     ids = torch.randint(1000, 2000, (n, length), generator=torch.Generator().manual_seed(0))
     return Workload(model.train(), ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels(n)),
                     sequence_loss)

@@ -33,10 +33,9 @@ EXECUTORS = ("auto", "fx", "generic")
 _COMPILED = ("OptimizedModule",)  # torch.compile's wrapper (torch._dynamo.eval_frame), named to avoid importing dynamo
 
 
-def trainable_ids(model: nn.Module, param_names: list[str]) -> dict[int, str]:
-    """id(parameter) -> name for the trainable parameters (a tied parameter has the one name
-    model.named_parameters() gives it)."""
-    named = dict(model.named_parameters())
+def trainable_ids(named: dict[str, nn.Parameter], param_names: list[str]) -> dict[int, str]:
+    """id(parameter) -> name for the trainable parameters, from a model's named_parameters() (a
+    tied parameter has the one name it gives)."""
     missing = [n for n in param_names if n not in named]
     if missing:
         raise KeyError(f"the model no longer has trainable parameter(s) {missing}; build a new updater after "
@@ -183,7 +182,8 @@ def plan_rows(model: nn.Module, ids: dict[int, str], executor: str, graph_module
                 continue
             covered.update(params)
             linear = isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
-            why = ("read through F.linear: both streams in one pass (perturbed_linear)" if linear and schedule == "dual"
+            why = ("read through F.linear: both streams in one pass (perturbed_linear), or on a perturbed copy where "
+                   "the input has more rows than the layer outputs" if linear and schedule == "dual"
                    else f"read inside {type(module).__name__}.forward or wherever the model reads it: a perturbed "
                         f"copy per read")
             rows.append(PlanRow(module_name, type(module).__name__, "generic", params, why))

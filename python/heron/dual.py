@@ -313,7 +313,8 @@ def leaf_route(module: nn.Module, trainable: Container[int]) -> tuple[str, str]:
             return LORA, "heron LoRALinear: both streams in one pass (lora_perturbed_linear)"
         return IN_PLACE, "heron LoRALinear with other than its two adapters trainable: perturbed in place"
     if _keeps_forward(module, nn.Linear) and id(module.weight) in trainable:
-        return LINEAR, f"{kind} keeps nn.Linear's forward: both streams in one pass (perturbed_linear)"
+        return LINEAR, (f"{kind} keeps nn.Linear's forward: both streams in one pass (perturbed_linear), or on a "
+                        f"perturbed copy of the weight where the input has more rows than the layer outputs (CPU)")
     if _keeps_forward(module, nn.modules.batchnorm._BatchNorm):
         return BATCH_NORM, f"{kind}: statistics from the base stream, perturbed affine parameters"
     if _keeps_forward(module, nn.Conv2d) and type(module)._conv_forward is nn.Conv2d._conv_forward:
@@ -514,10 +515,23 @@ def _same_shape_conv(module: nn.Conv2d, x: Any) -> bool:
     return True
 
 
+def _output_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """(H', W') of the convolution of x (N, C, H, W)."""
+    if module.padding == "same":
+        return tuple(x.shape[2:])
+    padding = (0, 0) if module.padding == "valid" else module.padding
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+        x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True))
+
+
 def _chunk_samples(module: nn.Conv2d, x: torch.Tensor) -> int:
-    """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger side."""
-    per_sample_in = x[0].numel() * x.element_size()
-    per_sample = max(1, per_sample_in, per_sample_in * module.out_channels // max(module.in_channels, 1))
+    """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger
+    side (input or output). The whole batch when that side is at most 4 chunks: a transient that
+    small is not worth the chunks' extra calls and copies."""
+    height, width = _output_size(module, x)
+    per_sample = max(1, x[0].numel(), module.out_channels * height * width) * x.element_size()
+    if per_sample * x.shape[0] <= 4 * _CONV_CHUNK_BYTES:
+        return x.shape[0]
     return max(1, _CONV_CHUNK_BYTES // per_sample)
 
 

@@ -31,7 +31,7 @@ sequential schedule (one stream at a time) has neither limit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,8 +66,9 @@ class DualTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        raise StreamError(f"{func} received a value of heron's dual stream outside the step's forward (a perturbed "
-                          f"value kept beyond the forward and the loss); the step computes with it only inside")
+        raise StreamError(f"{func} received a value of heron's dual stream without passing through its StreamMode: a "
+                          f"perturbed value kept beyond the step's forward and loss (e.g. stored on a module), or "
+                          f"code that bypasses __torch_function__")
 
     def __repr__(self) -> str:
         return f"DualTensor(base={self.base!r}, pert={self.pert!r})"
@@ -83,9 +84,10 @@ def pert_of(value: Any) -> Any:
     return pytree.tree_map_only(DualTensor, lambda d: d.pert, value)
 
 
-def _leaves(args: tuple, kwargs: dict) -> Iterator[Any]:
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
     """The values inside args and kwargs, through tuples, lists and dicts."""
-    pending: list[Any] = [args, kwargs]
+    found: list[Any] = []
+    pending: list[Any] = [args, kwargs] if kwargs else [args]
     while pending:
         value = pending.pop()
         if isinstance(value, (tuple, list)):
@@ -93,7 +95,8 @@ def _leaves(args: tuple, kwargs: dict) -> Iterator[Any]:
         elif isinstance(value, dict):
             pending.extend(value.values())
         else:
-            yield value
+            found.append(value)
+    return found
 
 
 def _map(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -120,42 +123,45 @@ _METADATA = {
 }
 _IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                      "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+_WRITES_FIRST: dict[Any, bool] = {}  # func -> whether it writes its first argument (by its name; cached)
 
 
 def _name(func: Callable) -> str:
     return getattr(func, "__name__", None) or str(func)
 
 
+def _writes_first(func: Callable) -> bool:
+    if func not in _WRITES_FIRST:
+        name = _name(func)
+        _WRITES_FIRST[func] = name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+    return _WRITES_FIRST[func]
+
+
 def _in_place_targets(func: Callable, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors a call writes: its first argument for an in-place method (add_, __setitem__, ...), its out=."""
-    name = _name(func)
-    targets = []
-    if args and isinstance(args[0], torch.Tensor) and (
-            name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))):
-        targets.append(args[0])
-    out = kwargs.get("out")
-    targets.extend(t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
+    targets = [args[0]] if args and isinstance(args[0], torch.Tensor) and _writes_first(func) else []
+    out = kwargs.get("out") if kwargs else None
+    if out is not None:
+        targets.extend(t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor))
     return targets
 
 
-def _generators(args: tuple, kwargs: dict) -> list[torch.Generator]:
+def _generators(leaves: list[Any], kwargs: dict) -> list[torch.Generator]:
     """The random generators a call may draw from: an explicit generator=, else the default one of
     each device its tensors are on."""
-    if isinstance(kwargs.get("generator"), torch.Generator):
+    if kwargs and isinstance(kwargs.get("generator"), torch.Generator):
         return [kwargs["generator"]]
-    devices = {t.device for t in _leaves(args, kwargs) if isinstance(t, torch.Tensor)}
-    generators = []
-    for device in devices:
-        if device.type == "cpu":
-            generators.append(torch.default_generator)
-        elif device.type == "cuda":
-            generators.append(torch.cuda.default_generators[device.index or 0])
-    return generators or [torch.default_generator]
+    if not torch.cuda.is_initialized():  # no tensor is on a CUDA device
+        return [torch.default_generator]
+    generators = [torch.default_generator]
+    for device in {t.device for t in leaves if isinstance(t, torch.Tensor) and t.is_cuda}:
+        generators.append(torch.cuda.default_generators[device.index or 0])
+    return generators
 
 
 def random_fork(args: tuple, kwargs: dict) -> _RandomFork:
     """A _RandomFork of the generators a call on (args, kwargs) would draw from."""
-    return _RandomFork(_generators(args, kwargs))
+    return _RandomFork(_generators(_leaves(args, kwargs), kwargs))
 
 
 class _RandomFork:
@@ -203,8 +209,9 @@ class StreamMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         names = self.pert.names
+        leaves = _leaves(args, kwargs)
         dual = reads = False
-        for value in _leaves(args, kwargs):
+        for value in leaves:
             if type(value) is DualTensor:
                 dual = True
             elif isinstance(value, torch.Tensor) and id(value) in names:
@@ -217,7 +224,8 @@ class StreamMode(TorchFunctionMode):
             value = func(*_map(args, _base), **_map(kwargs, _base))
             if not isinstance(value, torch.Tensor):
                 return value
-        for target in _in_place_targets(func, args, kwargs):
+        targets = _in_place_targets(func, args, kwargs)
+        for target in targets:
             name = self.pert.name_of(target)
             if name is not None:
                 raise StreamError(f"the forward writes trainable parameter {name!r} in place ({_name(func)}); heron "
@@ -228,7 +236,7 @@ class StreamMode(TorchFunctionMode):
             fused = self._linear(*args, **kwargs)
             if fused is not None:
                 return fused
-        return self._both(func, args, kwargs)
+        return self._both(func, args, kwargs, leaves, targets)
 
     def _perturbed(self, tensor: torch.Tensor) -> torch.Tensor:
         """The perturbed stream's view of an argument: a DualTensor's pert, a trainable parameter's copy."""
@@ -255,9 +263,9 @@ class StreamMode(TorchFunctionMode):
             return None
         return DualTensor(*dual_linear(x_base, x_pert, weight, bias, self.pert))
 
-    def _both(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+    def _both(self, func: Callable, args: tuple, kwargs: dict, leaves: list[Any], targets: list[torch.Tensor]) -> Any:
         """func once per stream; the generators rewound between the two calls."""
-        for target in _in_place_targets(func, args, kwargs):
+        for target in targets:
             if type(target) is DualTensor:
                 continue
             if id(target) in self.buffers:  # a buffer follows the base stream
@@ -266,10 +274,10 @@ class StreamMode(TorchFunctionMode):
                 f"{_name(func)} writes a value computed from perturbed parameters into a tensor of shape "
                 f"{tuple(target.shape)} created outside the perturbed computation; the dual schedule cannot hold two "
                 f"streams in it. Use schedule='sequential', or write the forward out of place")
-        fork = random_fork(args, kwargs)
+        fork = _RandomFork(_generators(leaves, kwargs))
         base = func(*_map(args, _base), **_map(kwargs, _base))
         fork.rewind()
-        watched = [(t, t._version) for t in _leaves(args, kwargs)
+        watched = [(t, t._version) for t in leaves
                    if isinstance(t, torch.Tensor) and type(t) is not DualTensor and id(t) not in self.buffers]
         pert = func(*_map(args, self._perturbed_or_copied_buffer), **_map(kwargs, self._perturbed_or_copied_buffer))
         fork.resume()
@@ -278,21 +286,21 @@ class StreamMode(TorchFunctionMode):
                 raise StreamError(f"{_name(func)} wrote one of its tensor arguments (shape {tuple(tensor.shape)}) in "
                                   f"the perturbed stream's call; the dual schedule cannot tell which stream owns it. "
                                   f"Use schedule='sequential'")
-        return _combine(func, base, pert, args, kwargs)
+        return _combine(func, base, pert, leaves)
 
 
 def _base(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.base if type(tensor) is DualTensor else tensor
 
 
-def _combine(func: Callable, base: Any, pert: Any, args: tuple, kwargs: dict) -> Any:
+def _combine(func: Callable, base: Any, pert: Any, leaves: list[Any]) -> Any:
     """The two streams' results as one value: tensors that differ become DualTensors (an in-place
     call returns its DualTensor argument), equal non-tensors are returned once, and differing
     non-tensors mean the forward's control flow would differ between the streams."""
     if isinstance(base, torch.Tensor):
         if base is pert:
             return base
-        for value in _leaves(args, kwargs):
+        for value in leaves:
             if type(value) is DualTensor and value.base is base and value.pert is pert:
                 return value
         return DualTensor(base, pert)
@@ -300,7 +308,7 @@ def _combine(func: Callable, base: Any, pert: Any, args: tuple, kwargs: dict) ->
         base_leaves, spec = pytree.tree_flatten(base)
         pert_leaves, pert_spec = pytree.tree_flatten(pert)
         if spec == pert_spec:
-            return pytree.tree_unflatten([_combine(func, b, p, args, kwargs)
+            return pytree.tree_unflatten([_combine(func, b, p, leaves)
                                           for b, p in zip(base_leaves, pert_leaves, strict=True)], spec)
     if _same(base, pert):
         return base
@@ -325,6 +333,8 @@ def run_in_stream(fn: Callable[[], Any], pert: Perturbation, buffers: list[torch
                 buffer.copy_(value)
 
 
-def run_module(module: nn.Module, args: tuple, kwargs: dict, pert: Perturbation) -> Any:
-    """module(*args, **kwargs) in `pert`'s stream (run_in_stream with the module's buffers)."""
-    return run_in_stream(lambda: module(*args, **kwargs), pert, list(module.buffers()))
+def run_module(module: nn.Module, args: tuple, kwargs: dict, pert: Perturbation,
+               buffers: list[torch.Tensor] | None = None) -> Any:
+    """module(*args, **kwargs) in `pert`'s stream (run_in_stream with the module's buffers, which
+    the caller may pass if it has them)."""
+    return run_in_stream(lambda: module(*args, **kwargs), pert, list(module.buffers()) if buffers is None else buffers)

@@ -136,6 +136,18 @@ def weight_route_cheaper(x_pert: torch.Tensor, weight: torch.Tensor) -> bool:
     return n * k < m * (k + n)
 
 
+def copy_cheaper(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """For a full direction, whether the perturbed stream is faster as F.linear on a perturbed copy of
+    W (N, K) than through the fused kernel: on CPU when the input has more rows M than the layer has
+    outputs N. The fused kernel reads W once for both streams and never forms W + mu Z, which pays
+    where the weight dominates the work; its tiled GEMMs run below one whole-matrix GEMM, which
+    costs more where the activations dominate (measured on the 2-core CPU, one thread: the fused
+    kernel 7-14% slower at M >= 1024 rows and N <= 768, 6% faster at M = 16). The copy is one
+    weight, dropped after the call."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return x.device.type == "cpu" and rows > weight.shape[0]
+
+
 def fusable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the fused dual-stream linear ops take these operands (float dtypes, one dtype and device)."""
     tensors = [t for t in (x, weight, bias) if t is not None]
@@ -146,18 +158,26 @@ def fusable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def dual_linear(x_base: torch.Tensor, x_pert: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                 pert: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both streams of x W^T + b with a trainable W through the fused ops: y_base = x_base W^T + b,
-    y_pert = x_pert (W + scale Z)^T + (b + scale z_b) (z_b only when b is trainable; W takes its
-    low-rank direction when it has one). x_pert None: both streams share x (the first perturbed
-    layer), which is then read once. Operands must pass `fusable_linear`."""
+    """Both streams of x W^T + b with a trainable W: y_base = x_base W^T + b, y_pert = x_pert (W +
+    scale Z)^T + (b + scale z_b) (z_b only when b is trainable; W takes its low-rank direction when
+    it has one), through the fused ops, or on a perturbed copy of W where that is faster
+    (`copy_cheaper`). x_pert None: both streams share x (the first perturbed layer), which the
+    fused kernel then reads once. Operands must pass `fusable_linear`."""
     weight_name = pert.names[id(weight)]
     bias_name = pert.name_of(bias)
     trained_bias = bias if bias_name is not None else None
     bias_offset = None if bias_name is None else pert.layout.offset(bias_name)
-    route = "fused low-rank linear" if pert.is_lowrank(weight_name) else "fused linear"
+    copy_route = not pert.is_lowrank(weight_name) and copy_cheaper(x_base, weight)
+    route = ("linear on a perturbed copy" if copy_route else
+             "fused low-rank linear" if pert.is_lowrank(weight_name) else "fused linear")
     for name in (weight_name, bias_name):
         if name is not None:
             pert.record(name, route)
+    if copy_route:
+        b_pert = bias if bias_name is None else perturbed_copy(bias, bias_name, pert)
+        return (nn.functional.linear(x_base, weight, bias),
+                nn.functional.linear(x_base if x_pert is None else x_pert, perturbed_copy(weight, weight_name, pert),
+                                     b_pert))
     if pert.is_lowrank(weight_name):
         if x_pert is not None and weight_route_cheaper(x_pert, weight):
             # x_pert @ (W + alpha U V^T).T: forming the perturbed weight (2 N K r FLOPs) costs less than

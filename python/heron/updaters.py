@@ -118,8 +118,10 @@ def _select_params(model: nn.Module, params: Iterable | None) -> list[str]:
 class _BufferSnapshot:
     """Copies of a model's buffers (BatchNorm statistics), restored when a step is abandoned."""
 
-    def __init__(self, model: nn.Module):
-        self.pairs = [(b, b.detach().clone()) for b in model.buffers()]
+    def __init__(self, buffers: nn.Module | list[torch.Tensor]):
+        """buffers: a model (its buffers) or the list of them."""
+        buffers = list(buffers.buffers()) if isinstance(buffers, nn.Module) else buffers
+        self.pairs = [(b, b.detach().clone()) for b in buffers]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -270,7 +272,7 @@ class ZOUpdater(_Updater):
         self.betas, self.eps, self.backend = betas, eps, backend
         check_coverage(model, self.param_names)
         self.layout = ParameterLayout.from_module(model, names=self.param_names)
-        ids = trainable_ids(model, self.param_names)
+        ids = trainable_ids(dict(model.named_parameters()), self.param_names)
         self.lowrank_names = self._lowrank_weight_names(ids) if self.rank else set()
         self.requested_executor = executor
         self.executor, self.graph_module, self.executor_reason = choose_executor(model, executor)
@@ -280,6 +282,7 @@ class ZOUpdater(_Updater):
         self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.last_reads: dict[str, set[str]] | None = None  # how the last step read each parameter
         self._reads: dict[str, set[str]] = {}  # how the running step reads each parameter
+        self._buffers: list[torch.Tensor] = []  # the model's buffers during a step
         self._warned_unread = False
 
     def _lowrank_weight_names(self, ids: dict[int, str]) -> set[str]:
@@ -290,7 +293,8 @@ class ZOUpdater(_Updater):
     def plan(self) -> Plan:
         """Which executor runs the step and why; per module, how its trainable parameters are
         perturbed (fused, in place, generically) and why; after a step, how each parameter was read."""
-        rows = plan_rows(self.model, trainable_ids(self.model, self.param_names), self.executor, self._graph(),
+        rows = plan_rows(self.model, trainable_ids(dict(self.model.named_parameters()), self.param_names),
+                         self.executor, self._graph(),
                          self.schedule)
         perturbation = (f"low-rank (rank {self.rank}) on {len(self.lowrank_names)} Linear/Conv2d weights, full "
                         f"elsewhere" if self.rank else "full")
@@ -341,7 +345,7 @@ class ZOUpdater(_Updater):
         else:
             capture = _CutCapture(self.model, self.cut if keep_cut else None)
             try:
-                out = _run_on_batch(lambda *a, **k: run_module(self.model, a, k, pert), args, kwargs)
+                out = _run_on_batch(lambda *a, **k: run_module(self.model, a, k, pert, self._buffers), args, kwargs)
             finally:
                 capture.close()
             smashed = capture.value
@@ -383,7 +387,7 @@ class ZOUpdater(_Updater):
             if j == 0:
                 smashed = cut_value
                 if self.q > 1:  # later directions must not update the statistics again
-                    snapshot_after_base = _BufferSnapshot(self.model)
+                    snapshot_after_base = _BufferSnapshot(self._buffers)
             else:
                 snapshot_after_base.restore()  # statistics updated once per step, by the first base stream
         return losses_base, losses_pert, smashed
@@ -391,14 +395,16 @@ class ZOUpdater(_Updater):
     @torch.no_grad()
     def step(self, batch: Any) -> StepResult:
         args, kwargs, targets = _split_batch(batch)
-        self._update_targets()  # a parameter the update cannot take fails here, before the model is touched
-        ids = trainable_ids(self.model, self.param_names)
+        named = dict(self.model.named_parameters())
+        ids = trainable_ids(named, self.param_names)
+        updates = self._update_targets(named)  # a parameter the update cannot take fails here, before any change
         step = self.steps
         seeds = self.direction_seeds(step)
-        device = self.parameters()[0].device
+        device = named[self.param_names[0]].device
         norms = [self._direction_norm(seed, device) if self.direction == "sphere" else 1.0 for seed in seeds]
         losses = self._sequential_losses if self.schedule == "sequential" else self._dual_losses
-        snapshot = _BufferSnapshot(self.model)
+        self._buffers = list(self.model.buffers())
+        snapshot = _BufferSnapshot(self._buffers)
         rng = _RandomState(device)
         self._reads = {}
         try:
@@ -417,7 +423,7 @@ class ZOUpdater(_Updater):
             snapshot.restore()
             result.skipped, result.reason = True, f"non-finite loss (base {loss_base}, perturbed {losses_pert})"
             return result
-        self.apply(step, seeds, grads)
+        self._apply(step, seeds, grads, updates)
         return result
 
     def _note_reads(self) -> None:
@@ -432,9 +438,12 @@ class ZOUpdater(_Updater):
 
     def apply(self, step: int, seeds: list[int], grads: list[float]) -> None:
         """Apply step `step`'s update from its seeds and projected-gradient scalars (also the replay entry point)."""
+        self._apply(step, seeds, grads, self._update_targets(dict(self.model.named_parameters())))
+
+    def _apply(self, step: int, seeds: list[int], grads: list[float], targets: list) -> None:
         pairs = list(zip(seeds, grads, strict=True))
         u_seed = self.u_seed(step) if self.rank else None
-        for entry, stored, param, rank in self._update_targets():
+        for entry, stored, param, rank in targets:
             lowrank = {"rank": rank, "u_seed": u_seed if rank else None}
             if self.optimizer == "sgd":
                 HF.zo_sgd_update_(param, pairs, lr=self.lr, offset=entry.offset, weight_decay=self.weight_decay,
@@ -447,11 +456,11 @@ class ZOUpdater(_Updater):
                                    backend=self.backend, **lowrank)
         self.steps = step + 1
 
-    def _update_targets(self) -> list[tuple[Any, torch.Tensor, torch.Tensor, int]]:
-        """(layout entry, parameter, the tensor its update writes, rank) per trainable parameter:
-        a low-rank weight is written through its (out, in*kh*kw) matrix view, with rank at most
-        min(out, in*kh*kw). Raises before any parameter is touched."""
-        named = dict(self.model.named_parameters())
+    def _update_targets(self, named: dict[str, nn.Parameter]) -> list[tuple[Any, torch.Tensor, torch.Tensor, int]]:
+        """(layout entry, parameter, the tensor its update writes, rank) per trainable parameter
+        (named: the model's named_parameters()): a low-rank weight is written through its
+        (out, in*kh*kw) matrix view, with rank at most min(out, in*kh*kw). Raises before any
+        parameter is touched."""
         targets = []
         for entry in self.layout:
             stored = named[entry.name].data
