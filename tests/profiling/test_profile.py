@@ -87,3 +87,11 @@ def test_profile_command_writes_json(tmp_path, capsys):
         assert row["peak_memory_bytes"] > 0 and row["flops"] > 0 and row["time_s"] > 0
     assert report["updaters"]["zo"]["flops"] < report["updaters"]["fo"]["flops"]
     assert "zo/fo: memory" in capsys.readouterr().out
+
+
+def test_time_is_read_from_the_given_clock():
+    """clock=: each timed step is the clock's difference around it (a counter here: exactly 1 per step)."""
+    ticks = iter(range(10**6))
+    profiles = profile_steps({"zo": ZOUpdater(mlp(), nn.functional.cross_entropy, lr=0.1, seed=0)}, BATCH,
+                             warmup=0, repeats=3, clock=lambda: float(next(ticks)))
+    assert profiles["zo"].time_s == 1.0

@@ -12,9 +12,9 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import heron
-from heron.kernels import reference
 from heron.zo.updaters import FOUpdater, MeZOUpdater, ZOUpdater
 from tests.helpers import DEVICE_BACKENDS, skip_unavailable
+from tests.helpers import reference_direction as lowrank_reference_direction
 
 
 def small_mlp() -> nn.Module:
@@ -209,24 +209,6 @@ def test_lowrank_perturbation_and_lazy_subspace():
     singular = torch.linalg.svdvals(delta.double())
     assert singular[2] < 1e-3 * singular[0]  # rank 2 up to the float32 rounding of W - lr g U V^T
     assert not result.skipped
-
-
-def lowrank_reference_direction(updater: ZOUpdater, step: int) -> dict[str, torch.Tensor]:
-    """Step `step`'s first direction materialised: U V^T / sqrt(r) for each low-rank weight's
-    (out, in*kh*kw) matrix, reshaped to the weight; the full z for every other parameter."""
-    seed, u_seed = updater.direction_seeds(step)[0], updater.u_seed(step)
-    direction = {}
-    for entry in updater.layout:
-        if entry.name not in updater.lowrank_names:
-            direction[entry.name] = updater.layout.direction(entry.name, seed)
-            continue
-        rows, cols = entry.shape[0], math.prod(entry.shape[1:])
-        rank = min(updater.rank, rows, cols)
-        u_offset, v_offset = heron.kernels.functional.lowrank_offsets(entry.offset, rows, rank)
-        u, v = reference.lowrank_factors(rows, cols, rank, seed=seed, u_seed=u_seed, u_offset=u_offset,
-                                         v_offset=v_offset, device="cpu")
-        direction[entry.name] = reference.lowrank_direction(u, v).reshape(entry.shape)
-    return direction
 
 
 @pytest.mark.parametrize("schedule", ["dual", "sequential"])

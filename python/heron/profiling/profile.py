@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,14 +71,14 @@ def _device(updater: Any) -> torch.device:
     return next(updater.model.parameters()).device
 
 
-def _timed_step(work: Any, batch: Any, device: torch.device) -> float:
+def _timed_step(work: Any, batch: Any, device: torch.device, clock: Callable[[], float]) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     work.step(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _memory_and_flops(work: Any, batch: Any, time_s: float) -> StepProfile:
@@ -91,11 +91,15 @@ def _memory_and_flops(work: Any, batch: Any, time_s: float) -> StepProfile:
                        flops=int(counter.get_total_flops()), time_s=time_s)
 
 
-def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1,
-                  repeats: int = 3) -> dict[str, StepProfile]:
+def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1, repeats: int = 3,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, StepProfile]:
     """Profile every updater of `updaters` (name -> updater) on `batch`, side by side: `warmup`
     steps each, then `repeats` rounds of one timed step per updater in turn, then each one's FLOPs
-    and peak memory. Runs on copies; returns name -> StepProfile in the mapping's order."""
+    and peak memory. Runs on copies; returns name -> StepProfile in the mapping's order.
+
+    clock: what time_s measures; wall time by default, or e.g. time.process_time (the process's
+    CPU time, which other load on a shared machine does not inflate; one thread makes it the
+    step's time on an idle core)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     works = {name: copy.deepcopy(updater) for name, updater in updaters.items()}
@@ -105,7 +109,7 @@ def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1,
     times: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(repeats):
         for name, work in works.items():
-            times[name].append(_timed_step(work, batch, _device(work)))
+            times[name].append(_timed_step(work, batch, _device(work), clock))
     return {name: _memory_and_flops(work, batch, statistics.median(times[name])) for name, work in works.items()}
 
 

@@ -17,6 +17,8 @@ from heron.sfl.methods import check_method, check_model_fits
 from heron.sfl.replay import check_client_upload
 from heron.zo.updaters import SCHEDULES
 
+USER_MODEL = "user"  # TrainConfig.model of a run on a model the user split (Experiment(split=...))
+
 # Fields that may differ within one run: `rounds` (a finished run can be resumed to train further) and
 # the ZO schedule (it changes how a step is executed and its rounding, not what the run computes).
 NOT_IDENTITY = ("rounds", "zo_schedule")
@@ -64,7 +66,7 @@ class TrainConfig:
             raise ValueError(f"zo_schedule must be one of {', '.join(SCHEDULES)}, got {self.zo_schedule!r}")
         if self.zo_rank < 0:
             raise ValueError(f"zo_rank must be >= 0 (0: full directions), got {self.zo_rank}")
-        if self.dataset in DATASET_KINDS:  # user datasets are checked when the model is built
+        if self.dataset in DATASET_KINDS and self.model != USER_MODEL:  # user datasets: checked when it is built
             check_model_fits(self.model, DATASET_KINDS[self.dataset], self.dataset)
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:

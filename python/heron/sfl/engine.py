@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
+from heron.models.split import SplitModel
 from heron.sfl import checkpoint as ckpt
 from heron.sfl.client_cost import profile_client
 from heron.sfl.clients import build_client, make_optimizer
-from heron.sfl.config import TrainConfig, identity_differences
+from heron.sfl.config import USER_MODEL, TrainConfig, identity_differences
 from heron.sfl.data import load_dataset, split_clients
 from heron.sfl.methods import AUX_METHODS, build_split_model
 from heron.sfl.records import MethodReport, RoundRecord, RoundTally
@@ -40,8 +41,15 @@ class Experiment:
     """One method's run; `run()` returns its MethodReport."""
 
     def __init__(self, config: TrainConfig, *, checkpoint_dir: str | Path | None = None, resume: bool = False,
-                 progress: Callable[[str], None] | None = None, dataset=None, client_data=None):
+                 progress: Callable[[str], None] | None = None, dataset=None, client_data=None,
+                 split: SplitModel | None = None):
+        """split: the user's own model already split (e.g. heron.models.cut.split_at of a Hugging Face
+        model), with config.model = "user"; copies of its parts are trained, the split is not changed."""
+        if (split is None) != (config.model != USER_MODEL):
+            raise ValueError(f"a user-split model needs config.model={USER_MODEL!r} and split=..., together; got "
+                             f"model={config.model!r} and split={'given' if split is not None else None}")
         self.config = config.validate()
+        self.user_split = None if split is None else copy.deepcopy(split)
         self.device = torch.device(config.device)
         self.log = progress or (lambda message: None)
         self.dataset = dataset if dataset is not None else load_dataset(config.dataset, seed=config.seed)
@@ -55,7 +63,9 @@ class Experiment:
     def _build(self) -> None:
         cfg = self.config
         torch.manual_seed(cfg.seed)
-        split = build_split_model(cfg.model, self.dataset, cut=cfg.cut, aux_layers=cfg.aux_layers).to(self.device)
+        split = self.user_split if self.user_split is not None else build_split_model(
+            cfg.model, self.dataset, cut=cfg.cut, aux_layers=cfg.aux_layers)
+        split = split.to(self.device)
         self.aux_method = cfg.method in AUX_METHODS
         self.task = task_of(self.dataset)
         self.loss_fn = self.task.loss_fn

@@ -1,14 +1,26 @@
-"""Dual-stream execution of a whole model: the base and the perturbed forward run together.
+"""Dual-stream execution of a traced model: the base and the perturbed forward run together.
 
-The model is traced once with torch.fx; every module that owns parameters becomes a leaf. The
-graph is then interpreted on `Dual(base, pert)` values: layers with a fused dual-stream kernel
-(nn.Linear, heron.PerturbedLinear, heron.LoRALinear) compute both streams in one pass over their
-weights; BatchNorm runs the base stream with running-statistics updates and the perturbed stream
-without; other parametrised layers are perturbed in place from the seeded stream for the
-perturbed forward and restored bit-exactly from a copy of that one layer's parameters; layers
-and functions without trainable parameters are applied to each stream (once while the two
-streams are still identical). Dropout draws one mask for both streams, so the finite difference
-sees only the parameter change.
+The model is traced once with torch.fx; every module that owns parameters or buffers, or has
+forward hooks, becomes a leaf. The graph is then interpreted on `Dual(base, pert)` values. The
+executor runs a leaf by its own rules only where it owns the module's forward, i.e. the module's
+class is the torch layer itself or keeps that layer's forward unchanged (`leaf_route` says which
+rule and why):
+- nn.Linear and heron's PerturbedLinear / LoRALinear compute both streams in one pass over their
+  weights through the fused dual-stream kernels;
+- BatchNorm runs the base stream with running-statistics updates and the perturbed stream without;
+- Conv2d runs in bounded batch chunks (low-rank directions: the shared-input shortcut below);
+- other torch.nn layers whose parameters are all their own are perturbed in place from the seeded
+  stream for the perturbed forward and restored bit-exactly from a copy of that one layer's
+  parameters.
+Every other leaf (a subclass with its own forward, a module owning parameters and parametrised
+children such as nn.MultiheadAttention or a layer-scale block, a user module, one with hooks)
+runs through heron.zo.generic, which perturbs each parameter where its forward reads it. A
+trainable parameter the traced code reads directly (a root-level `cls_token`) is perturbed
+where read as well, and a tied parameter (one tensor under several names) takes one direction
+wherever it is read. Calls without trainable parameters are applied to each stream (once while
+the two streams are still identical), with the random generator rewound between the streams so
+both draw the same numbers: dropout applies one mask to both, so the finite difference sees only
+the parameter change.
 
 Memory: the interpreter frees each activation after its last use, and an activation it allocated
 itself that is used for the last time (no other live value shares its storage, it is neither a
@@ -17,28 +29,36 @@ whose output has the input's shape. Convolutions run in bounded batch chunks, so
 whole-batch transient beside its output: a conv-bn-relu stack holds one activation per stream.
 
 Single-stream passes (Perturbation.stream "base" or "pert", the updaters' sequential schedule) run
-the same graph on one stream: the perturbed pass with each trainable layer perturbed in place
-while it runs (by alpha U V^T for a low-rank weight) and no statistics update, the base pass as
-the module would run.
+the same graph on one stream: the perturbed pass with each trainable layer perturbed while it
+runs (by alpha U V^T for a low-rank weight) and no statistics update, the base pass as the module
+would run.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 import weakref
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from heron.kernels import functional as HF
 from heron.kernels.nn import LoRALinear, PerturbedLinear
-from heron.kernels.stream import ParameterLayout, seeded_randn
+from heron.zo.generic import DualTensor, base_of, pert_of, random_fork, run_module
+from heron.zo.perturbation import (
+    Perturbation,
+    PerturbedInPlace,
+    dual_linear,
+    fusable_linear,
+    lowrank_factors,
+    perturbed_copy,
+    scaled_bias_direction,
+)
 
 
 @dataclass
@@ -53,36 +73,16 @@ class Dual:
         return self.base if self.pert is None else self.pert
 
 
-@dataclass
-class Perturbation:
-    """One direction: the stream (seed) and scale of theta + scale * z over the layout."""
-
-    layout: ParameterLayout
-    seed: int
-    scale: float
-    lowrank_rank: int = 0
-    u_seed: int = 0
-    backend: str | None = None
-    # ids of the Dual inputs whose last use is the node being run (set by the interpreter): their
-    # base tensor is dropped as soon as the base stream has been computed, before the perturbed one.
-    consumable: frozenset[int] = frozenset()
-    # ids of the input tensors the node being run may overwrite in place (set by the interpreter).
-    reusable: frozenset[int] = frozenset()
-    # "dual": both streams together; "base" / "pert": one stream alone (the sequential schedule),
-    # the perturbed one with each trainable layer perturbed in place while it runs.
-    stream: str = "dual"
-    # single-stream passes draw dropout masks from this seed (per layer), so both passes share them
-    dropout_seed: int = 0
-
-    def can_reuse(self, tensor: Any) -> bool:
-        return isinstance(tensor, torch.Tensor) and id(tensor) in self.reusable
+def has_hooks(module: nn.Module) -> bool:
+    """Whether module(...) would run hooks besides its forward (a traced or fused call would skip them)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Every module that directly owns parameters or buffers is a leaf, plus torch.nn's own."""
+    """Every module that directly owns parameters or buffers or has hooks is a leaf, plus torch.nn's own."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if isinstance(module, (LoRALinear, PerturbedLinear)):
+        if isinstance(module, (LoRALinear, PerturbedLinear)) or has_hooks(module):
             return True
         own = any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
         return own or super().is_leaf_module(module, qualified_name)
@@ -95,8 +95,7 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     except Exception as error:  # noqa: BLE001 - any tracing failure becomes one clear message
         raise TypeError(
             f"model {type(model).__name__} cannot be traced by torch.fx for the fused dual-stream step "
-            f"({type(error).__name__}: {error}); use MeZOUpdater, or write the forward without data-dependent "
-            f"Python control flow"
+            f"({type(error).__name__}: {error}); use executor='generic' (the default, 'auto', does so)"
         ) from error
     return torch.fx.GraphModule(model, graph)
 
@@ -147,13 +146,31 @@ def _release_bases(args: Any, pert: Perturbation | None) -> None:
     _map(args, release)
 
 
-def _apply_both(fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | None = None) -> Dual:
-    base = fn(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base))
+# Functions and methods that write their first argument.
+_IN_PLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift, operator.imatmul, operator.setitem}
+
+
+def _apply_both(fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | None = None,
+                in_place: bool = False) -> Dual:
+    """fn on each stream (once while no argument has a perturbed twin), the random generators
+    rewound between the streams. An in-place fn writing a value both streams still share gets a
+    copy of it for the perturbed stream first."""
     if not _has_pert((args, kwargs)):
-        return Dual(base)
+        return Dual(fn(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
+    target = args[0] if in_place and args and isinstance(args[0], Dual) else None
+    if target is not None and target.pert is None and isinstance(target.base, torch.Tensor):
+        target.pert = target.base.clone()
+    bases = (_map(args, lambda d: d.base), _map(kwargs, lambda d: d.base))
+    fork = random_fork(*bases)
+    base = fn(*bases[0], **bases[1])
+    del bases
+    fork.rewind()
     _release_bases((args, kwargs), pert)
-    pert = fn(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
-    return Dual(base, pert)
+    pert_out = fn(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
+    fork.resume()
+    return Dual(base, pert_out)
 
 
 class DualStreamInterpreter(torch.fx.Interpreter):
@@ -163,10 +180,11 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         super().__init__(graph_module, garbage_collect_values=True)
         self.perturbation = perturbation
         self.cut_node = cut_node
-        self.smashed: torch.Tensor | None = None
+        self.smashed: Any = None
         # storages never written in place: the model's parameters and buffers, its inputs, the smashed data
         self._protected = {_storage(t) for t in (*graph_module.parameters(), *graph_module.buffers())}
         self._owned: dict[int, weakref.ref] = {}  # tensors this run allocated: id -> weak reference
+        self._routes: dict[str, str] = {}  # leaf module name -> leaf_route
 
     def run_node(self, node: torch.fx.Node) -> Any:
         last_uses = self.user_to_last_uses.get(node, [])
@@ -180,9 +198,8 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         elif isinstance(result, Dual):
             self._register_owned(result)
         if node.name == self.cut_node:
-            self.smashed = result.base.detach() if isinstance(result, Dual) else result
-            if isinstance(self.smashed, torch.Tensor):
-                self._protected.add(_storage(self.smashed))
+            self.smashed = detached(result.base if isinstance(result, Dual) else result)
+            self._protected.update(_storage(t) for t in _tensors(self.smashed))
         return result
 
     def _live_storages(self, exclude: set[int]) -> dict[int, int]:
@@ -224,7 +241,15 @@ class DualStreamInterpreter(torch.fx.Interpreter):
         return Dual(super().placeholder(target, args, kwargs))
 
     def get_attr(self, target, args, kwargs):
-        return Dual(super().get_attr(target, args, kwargs))
+        """A tensor the traced code reads directly; a trainable parameter is perturbed where read."""
+        value = super().get_attr(target, args, kwargs)
+        pert = self.perturbation
+        name = pert.name_of(value)
+        if name is None or pert.stream == "base":
+            return Dual(value)
+        pert.record(name, "copy")
+        copy = perturbed_copy(value, name, pert)
+        return Dual(copy) if pert.stream == "pert" else Dual(value, copy)
 
     def call_function(self, target, args, kwargs):
         if target is operator.getitem and isinstance(args[0], Dual) and not isinstance(args[1], Dual):
@@ -232,54 +257,131 @@ class DualStreamInterpreter(torch.fx.Interpreter):
             return Dual(d.base[args[1]], None if d.pert is None else d.pert[args[1]])
         if target in _RELU_FUNCTIONS and len(args) == 1 and isinstance(args[0], Dual) and not kwargs.get("inplace"):
             return _relu(args[0], self.perturbation)
-        return _apply_both(target, args, kwargs, self.perturbation)
+        return _apply_both(target, args, kwargs, self.perturbation, in_place=target in _IN_PLACE_FUNCTIONS)
 
     def call_method(self, target, args, kwargs):
         if target == "relu" and len(args) == 1 and not kwargs and isinstance(args[0], Dual):
             return _relu(args[0], self.perturbation)
-        return _apply_both(lambda obj, *a, **k: getattr(obj, target)(*a, **k), args, kwargs, self.perturbation)
+        in_place = target.endswith("_") and not target.startswith("__") or target in ("__setitem__", "__iadd__")
+        return _apply_both(lambda obj, *a, **k: getattr(obj, target)(*a, **k), args, kwargs, self.perturbation,
+                           in_place=in_place)
 
     def call_module(self, target, args, kwargs):
         module = self.fetch_attr(target)
-        return dual_module_call(module, target, args, kwargs, self.perturbation)
+        if target not in self._routes:
+            self._routes[target] = leaf_route(module, self.perturbation.names)[0]
+        return dual_module_call(module, args, kwargs, self.perturbation, self._routes[target])
 
     def output(self, target, args, kwargs):
         return args[0]
 
 
-def _trainable(module: nn.Module, prefix: str, layout: ParameterLayout) -> list[tuple[str, nn.Parameter]]:
-    return [(f"{prefix}.{name}" if prefix else name, p) for name, p in module.named_parameters(recurse=False)
-            if (f"{prefix}.{name}" if prefix else name) in layout]
+def _trainable(module: nn.Module, pert: Perturbation) -> list[tuple[str, nn.Parameter]]:
+    """(layout name, parameter) of the module's own trainable parameters."""
+    return [(pert.names[id(p)], p) for p in module.parameters(recurse=False) if id(p) in pert.names]
 
 
-def dual_module_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
-    """One leaf module on Dual inputs."""
+# Routes of a leaf module (leaf_route); "generic" runs it through heron.zo.generic.
+LORA, LINEAR, BATCH_NORM, CONV, RELU, IN_PLACE, STATELESS, GENERIC = (
+    "fused LoRA", "fused linear", "batch norm", "conv", "relu", "in place", "per stream", "generic")
+
+
+def _keeps_forward(module: nn.Module, layer: type) -> bool:
+    return isinstance(module, layer) and type(module).forward is layer.forward
+
+
+def _parametrised_children(module: nn.Module) -> bool:
+    return any(True for child in module.children() for _ in child.parameters())
+
+
+def leaf_route(module: nn.Module, trainable: Container[int]) -> tuple[str, str]:
+    """How the fx executor runs a leaf module, and why: one of its own rules where it owns the
+    module's forward (the class is the torch layer itself or keeps its forward), else GENERIC.
+    trainable: ids of the trainable parameters."""
+    owns_trainable = any(id(p) in trainable for p in module.parameters(recurse=False))
+    subtree_trainable = any(id(p) in trainable for p in module.parameters())
+    has_state = subtree_trainable or any(True for _ in module.buffers())
+    kind = type(module).__name__
+    if has_hooks(module):
+        return (GENERIC, "has forward hooks, which only a call of the module runs") if has_state else \
+            (STATELESS, "no trainable parameters or buffers; its hooks run in each stream")
+    if _parametrised_children(module) and has_state:
+        return GENERIC, f"{kind} owns parameters and has parametrised children (its forward combines them)"
+    if _keeps_forward(module, LoRALinear):
+        trained = {n for n, p in module.named_parameters() if id(p) in trainable}
+        if trained == {"lora_a", "lora_b"}:
+            return LORA, "heron LoRALinear: both streams in one pass (lora_perturbed_linear)"
+        return IN_PLACE, "heron LoRALinear with other than its two adapters trainable: perturbed in place"
+    if _keeps_forward(module, nn.Linear) and id(module.weight) in trainable:
+        return LINEAR, (f"{kind} keeps nn.Linear's forward: both streams in one pass (perturbed_linear), or on a "
+                        f"perturbed copy of the weight where the input has more rows than the layer outputs (CPU)")
+    if _keeps_forward(module, nn.modules.batchnorm._BatchNorm):
+        return BATCH_NORM, f"{kind}: statistics from the base stream, perturbed affine parameters"
+    if _keeps_forward(module, nn.Conv2d) and type(module)._conv_forward is nn.Conv2d._conv_forward:
+        return CONV, f"{kind}: batch-chunked convolution, perturbed in place"
+    if _keeps_forward(module, nn.ReLU):
+        return RELU, "ReLU, in place where the input is not used again"
+    if not has_state:
+        return STATELESS, f"{kind} has no trainable parameters or buffers: applied to each stream"
+    if type(module).__module__.startswith("torch.nn.") or type(module) in (LoRALinear, PerturbedLinear):
+        if not owns_trainable and any(True for _ in module.buffers()):
+            return GENERIC, f"{kind} holds buffers its forward may update (kept to the base stream)"
+        return IN_PLACE, f"{kind} (a torch.nn layer) reads only its own parameters: perturbed in place"
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+        return GENERIC, f"{kind} subclasses a torch layer with its own forward"
+    return GENERIC, f"{kind} is not a torch.nn layer: its forward is run as written"
+
+
+def dual_module_call(module: nn.Module, args: tuple, kwargs: dict, pert: Perturbation, route: str) -> Dual:
+    """One leaf module on Dual inputs, by its leaf_route."""
+    if route == GENERIC:
+        return _generic(module, args, kwargs, pert)
     if pert.stream != "dual":
-        return _single_stream_call(module, name, args, kwargs, pert)
-    layout = pert.layout
-    trainable = _trainable(module, name, layout)
-    if isinstance(module, nn.Dropout) and module.training:
-        return _dropout(module, args[0])
-    if isinstance(module, nn.ReLU) and not kwargs and len(args) == 1:
+        return _single_stream_call(module, route, args, kwargs, pert)
+    if route == RELU and not kwargs and len(args) == 1:
         return _relu(args[0], pert)
-    if not trainable and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if route == STATELESS:
         return _apply_both(module, args, kwargs, pert)
-    if isinstance(module, LoRALinear) and len(trainable) == 2 and not kwargs:
+    trainable = _trainable(module, pert)
+    if route == LORA and not kwargs:
         x = args[0]
+        for name, _ in trainable:
+            pert.record(name, LORA)
         y_base, y_pert = HF.lora_perturbed_linear(
             x.base, module.weight, module.bias, module.lora_a, module.lora_b, scale=module.scale, seed=pert.seed,
-            mu=pert.scale, offset=layout.offset(f"{name}.lora_a"), b_offset=layout.offset(f"{name}.lora_b"),
-            x_pert=x.pert, backend=pert.backend)
+            mu=pert.scale, offset=pert.layout.offset(pert.names[id(module.lora_a)]),
+            b_offset=pert.layout.offset(pert.names[id(module.lora_b)]), x_pert=x.pert, backend=pert.backend)
         return Dual(y_base, y_pert)
-    if isinstance(module, nn.Linear) and f"{name}.weight" in layout and not kwargs:
-        return _linear(module, name, args[0], pert)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
-        return _batch_norm(module, name, args[0], pert)
-    if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(args[0].base, 4):
-        if pert.lowrank_rank and lowrank_eligible(module) and f"{name}.weight" in layout:
-            return _lowrank_conv(module, name, trainable, args[0], pert)
+    if route == LINEAR and not kwargs and len(args) == 1 and fusable_linear(args[0].base, module.weight, module.bias):
+        x = args[0]
+        return Dual(*dual_linear(x.base, x.pert, module.weight, module.bias, pert))
+    if route == BATCH_NORM and not kwargs and len(args) == 1:
+        return _batch_norm(module, args[0], pert)
+    if route == CONV and not kwargs and len(args) == 1 and _is_batch(args[0].base, 4):
+        if pert.is_lowrank(pert.name_of(module.weight) or ""):
+            return _lowrank_conv(module, trainable, args[0], pert)
         return _conv(module, trainable, args[0], pert)
     return _in_place(module, trainable, args, kwargs, pert)
+
+
+def as_tensors(value: Any) -> Any:
+    """An interpreter value (Duals, in containers or not) as heron.zo.generic takes it: each Dual as its
+    base value where the streams are one, else its structure with DualTensors where they differ."""
+    def tensors(d: Dual) -> Any:
+        if d.pert is None:
+            return d.base
+        return pytree.tree_map(lambda b, p: DualTensor(b, p) if isinstance(b, torch.Tensor) and b is not p else b,
+                               d.base, d.pert)
+
+    return _map(value, tensors)
+
+
+def _generic(module: nn.Module, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
+    """The module's own forward through heron.zo.generic (DualTensors in, Dual out)."""
+    out = run_module(module, as_tensors(args), as_tensors(kwargs), pert)
+    if not any(type(t) is DualTensor for t in pytree.tree_leaves(out)):
+        return Dual(out)
+    return Dual(base_of(out), pert_of(out))
 
 
 def lowrank_eligible(module: nn.Module) -> bool:
@@ -288,109 +390,36 @@ def lowrank_eligible(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
 
 
-def _weight_route_cheaper(x_pert: torch.Tensor, weight: torch.Tensor) -> bool:
-    """For a low-rank direction with x_pert (..., K) (M rows) and W (N, K): whether W + alpha U V^T
-    (2 N K r FLOPs) costs less than (x_pert V) U^T (2 M r (K + N))."""
-    n, k = weight.shape
-    m = x_pert.numel() // max(k, 1)
-    return n * k < m * (k + n)
-
-
-def _scaled_bias_direction(bias: torch.Tensor, offset: int, pert: Perturbation) -> torch.Tensor:
-    """scale * z_b for a bias (out,) whose direction is keyed (seed, offset): a bias keeps its full
-    direction under low-rank perturbations."""
-    return seeded_randn(bias.shape[0], pert.seed, offset, device=bias.device, dtype=bias.dtype).mul_(pert.scale)
-
-
-def _lowrank_factors(weight: torch.Tensor, name: str, pert: Perturbation) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """U (out, r), V (fan_in, r) of the low-rank direction of `weight` (its (out, fan_in) matrix
-    view) keyed as functional.lowrank_perturbed_linear keys them, in the weight's dtype, and
-    alpha = scale / sqrt(r): the perturbation is alpha * U @ V.T."""
-    out_features, fan_in = weight.shape[0], weight[0].numel()
-    rank = min(pert.lowrank_rank, out_features, fan_in)
-    u_offset, v_offset = HF.lowrank_offsets(pert.layout.offset(f"{name}.weight"), out_features, rank)
-    u = seeded_randn((out_features, rank), pert.u_seed, u_offset, device=weight.device, dtype=weight.dtype)
-    v = seeded_randn((fan_in, rank), pert.seed, v_offset, device=weight.device, dtype=weight.dtype)
-    return u, v, pert.scale / math.sqrt(rank)
-
-
-def _linear(module: nn.Linear, name: str, x: Dual, pert: Perturbation) -> Dual:
-    layout = pert.layout
-    bias_trainable = module.bias is not None and f"{name}.bias" in layout
-    bias = module.bias if bias_trainable else None
-    weight_offset = layout.offset(f"{name}.weight")
-    bias_offset = layout.offset(f"{name}.bias") if bias_trainable else None
-    if pert.lowrank_rank and x.pert is not None and _weight_route_cheaper(x.pert, module.weight):
-        # x_pert @ (W + alpha U V^T).T: forming the perturbed weight (2 N K r FLOPs) costs less than
-        # the fused kernel's (x_pert V) U^T (2 M r (K + N)) when the batch is wide and the layer narrow
-        u, v, alpha = _lowrank_factors(module.weight, name, pert)
-        w_pert = torch.addmm(module.weight, u, v.t(), alpha=alpha)
-        b_pert = module.bias
-        if bias_trainable:
-            b_pert = module.bias + _scaled_bias_direction(module.bias, bias_offset, pert)
-        return Dual(nn.functional.linear(x.base, module.weight, module.bias),
-                    nn.functional.linear(x.pert, w_pert, b_pert))
-    if pert.lowrank_rank:
-        rank = min(pert.lowrank_rank, *module.weight.shape)
-        y_base, y_pert = HF.lowrank_perturbed_linear(
-            x.base, module.weight, bias, seed=pert.seed, rank=rank, mu=pert.scale, offset=weight_offset,
-            u_seed=pert.u_seed, x_pert=x.pert, bias_offset=bias_offset, backend=pert.backend)
-    else:
-        y_base, y_pert = HF.perturbed_linear(x.base, module.weight, bias, seed=pert.seed, offset=weight_offset,
-                                             mu=pert.scale, x_pert=x.pert, bias_offset=bias_offset,
-                                             backend=pert.backend)
-    if module.bias is not None and not bias_trainable:
-        y_base, y_pert = y_base + module.bias, y_pert + module.bias
-    return Dual(y_base, y_pert)
-
-
-class _PerturbedInPlace:
-    """Context: the listed parameters hold theta + scale * z inside, their exact old values after."""
-
-    def __init__(self, trainable: list[tuple[str, nn.Parameter]], pert: Perturbation,
-                 lowrank: dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None = None):
-        """lowrank: name -> (U, V, alpha) for weights perturbed by alpha * U V^T on their
-        (out, -1) matrix view instead of their full direction."""
-        self.trainable, self.pert, self.lowrank = trainable, pert, lowrank or {}
-        self.saved: list[torch.Tensor] = []
-
-    def __enter__(self):
-        for name, p in self.trainable:
-            self.saved.append(p.detach().clone())
-            if name in self.lowrank:
-                u, v, alpha = self.lowrank[name]
-                p.data.view(p.shape[0], -1).addmm_(u, v.t(), alpha=alpha)
-            else:
-                HF.perturb_(p.data, self.pert.seed, alpha=self.pert.scale, offset=self.pert.layout.offset(name),
-                            backend=self.pert.backend)
-        return self
-
-    def __exit__(self, *exc):
-        for (_, p), old in zip(self.trainable, self.saved, strict=True):
-            p.data.copy_(old)
-        self.saved.clear()
-        return False
-
-
 def _in_place(module: nn.Module, trainable, args, kwargs, pert: Perturbation) -> Dual:
-    base = module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base))
+    """The module on each stream, its own trainable parameters perturbed in place for the perturbed
+    one; buffers it updates keep the base stream's values."""
+    bases = (_map(args, lambda d: d.base), _map(kwargs, lambda d: d.base))
+    fork = random_fork(*bases)
+    base = module(*bases[0], **bases[1])
+    del bases
+    fork.rewind()
     _release_bases((args, kwargs), pert)
-    with _PerturbedInPlace(trainable, pert):
+    buffers = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
+    with PerturbedInPlace(trainable, pert):
         pert_out = module(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
+    fork.resume()
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)
     return Dual(base, pert_out)
 
 
-def _batch_norm(module: nn.modules.batchnorm._BatchNorm, name: str, x: Dual, pert: Perturbation) -> Dual:
+def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Dual, pert: Perturbation) -> Dual:
     """Base stream: the module's normalisation with running-statistics updates; perturbed stream:
     the same normalisation (batch statistics in training, running ones in eval) with perturbed
     affine parameters and no statistics update. Both streams use the same arithmetic (so the finite
     difference sees only the parameter change), in place where the input may be overwritten."""
-    trainable = _trainable(module, name, pert.layout)
+    trainable = _trainable(module, pert)
     if x.pert is None and not trainable:
         return Dual(_batch_norm_stream(module, x.base, update_stats=True, pert=pert))
     base = _batch_norm_stream(module, x.base, update_stats=True, pert=pert, may_overwrite=x.pert is not None)
     _release_bases(x, pert)
-    with _PerturbedInPlace(trainable, pert):
+    with PerturbedInPlace(trainable, pert):
         pert_out = _batch_norm_stream(module, x.pert_or_base, update_stats=False, pert=pert)
     return Dual(base, pert_out)
 
@@ -486,10 +515,23 @@ def _same_shape_conv(module: nn.Conv2d, x: Any) -> bool:
     return True
 
 
+def _output_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
+    """(H', W') of the convolution of x (N, C, H, W)."""
+    if module.padding == "same":
+        return tuple(x.shape[2:])
+    padding = (0, 0) if module.padding == "valid" else module.padding
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in zip(
+        x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True))
+
+
 def _chunk_samples(module: nn.Conv2d, x: torch.Tensor) -> int:
-    """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger side."""
-    per_sample_in = x[0].numel() * x.element_size()
-    per_sample = max(1, per_sample_in, per_sample_in * module.out_channels // max(module.in_channels, 1))
+    """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger
+    side (input or output). The whole batch when that side is at most 4 chunks: a transient that
+    small is not worth the chunks' extra calls and copies."""
+    height, width = _output_size(module, x)
+    per_sample = max(1, x[0].numel(), module.out_channels * height * width) * x.element_size()
+    if per_sample * x.shape[0] <= 4 * _CONV_CHUNK_BYTES:
+        return x.shape[0]
     return max(1, _CONV_CHUNK_BYTES // per_sample)
 
 
@@ -518,12 +560,12 @@ def _conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> Dual:
             Dual(_conv_stream(module, x.base, pert), _conv_stream(module, x.pert, pert))
     base = _conv_stream(module, x.base, pert, may_overwrite=x.pert is not None)
     _release_bases(x, pert)
-    with _PerturbedInPlace(trainable, pert):
+    with PerturbedInPlace(trainable, pert):
         pert_out = _conv_stream(module, x.pert_or_base, pert)
     return Dual(base, pert_out)
 
 
-def _lowrank_conv(module: nn.Conv2d, name: str, trainable, x: Dual, pert: Perturbation) -> Dual:
+def _lowrank_conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> Dual:
     """A convolution whose weight has the low-rank direction Z = U V^T / sqrt(r) of its
     (out, in*kh*kw) matrix view, U keyed (u_seed, u_offset), V (seed, v_offset) as for Linear
     weights (functional.lowrank_offsets); the bias keeps its full direction.
@@ -533,21 +575,23 @@ def _lowrank_conv(module: nn.Conv2d, name: str, trainable, x: Dual, pert: Pertur
     stream's, so the perturbed stream is that plus mu / sqrt(r) * U @ conv(x, V's r filters) (+ mu z_b):
     r / out of a convolution and an r-deep channel mix instead of a whole convolution."""
     weight = module.weight
-    u, v, alpha = _lowrank_factors(weight, name, pert)
+    weight_name = pert.names[id(weight)]
+    u, v, alpha = lowrank_factors(weight, weight_name, pert)
     out_channels, rank = u.shape
-    weight_name = f"{name}.weight"
     if x.pert is not None:
         base = _conv_stream(module, x.base, pert)
         _release_bases(x, pert)
-        with _PerturbedInPlace(trainable, pert, lowrank={weight_name: (u, v, alpha)}):
+        with PerturbedInPlace(trainable, pert, lowrank={weight_name: (u, v, alpha)}):
             pert_out = _conv_stream(module, x.pert, pert)
         return Dual(base, pert_out)
     base = _conv_stream(module, x.base, pert, may_overwrite=False)
+    pert.record(weight_name, "fused low-rank conv")
     filters, mix = v.t().reshape(rank, *weight.shape[1:]), u.mul_(alpha).view(out_channels, rank, 1, 1)
-    bias_name = f"{name}.bias"
+    bias_name = pert.name_of(module.bias)
     bias_shift = None
-    if module.bias is not None and bias_name in pert.layout:
-        bias_shift = _scaled_bias_direction(module.bias, pert.layout.offset(bias_name), pert)
+    if bias_name is not None:
+        pert.record(bias_name, "fused low-rank conv")
+        bias_shift = scaled_bias_direction(module.bias, bias_name, pert)
     pert_out = torch.empty_like(base)
     chunk = _chunk_samples(module, x.base)  # no whole-batch transient, as for the module's own convolution
     for start in range(0, x.base.shape[0], chunk):
@@ -564,47 +608,42 @@ def _conv_stream(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, may_ove
     return _conv_chunked(module, x, overwrite=overwrite)
 
 
-def _single_stream_call(module: nn.Module, name: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
-    """One leaf module in a single-stream pass: plain values (Dual with pert None); in the "pert"
-    pass the module's trainable parameters hold theta + scale * z while it runs; BatchNorm
-    statistics are updated by the "base" pass only."""
-    trainable = _trainable(module, name, pert.layout) if pert.stream == "pert" else []
+def _single_stream_call(module: nn.Module, route: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:
+    """One leaf module the executor owns, in a single-stream pass: plain values (Dual with pert
+    None); in the "pert" pass the module's trainable parameters hold theta + scale * z while it
+    runs; BatchNorm statistics are updated by the "base" pass only."""
+    trainable = _trainable(module, pert) if pert.stream == "pert" else []
     x = args[0] if args else None
-    if isinstance(module, nn.Dropout) and module.training:
-        return Dual(_seeded_dropout(module, x.base, pert.dropout_seed, name))
-    if isinstance(module, nn.ReLU) and not kwargs and len(args) == 1:
+    if route == RELU and not kwargs and len(args) == 1:
         return _relu(x, pert)
-    with _PerturbedInPlace(trainable, pert, lowrank=_lowrank_weight(module, name, trainable, pert)):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not kwargs:
+    buffers = [(b, b.detach().clone()) for b in module.buffers(recurse=False)] \
+        if pert.stream == "pert" and route == IN_PLACE else []
+    with PerturbedInPlace(trainable, pert, lowrank=_lowrank_weight(module, trainable, pert)):
+        if route == BATCH_NORM and not kwargs:
             return Dual(_batch_norm_stream(module, x.base, update_stats=pert.stream == "base", pert=pert))
-        if isinstance(module, nn.Conv2d) and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
+        if route == CONV and not kwargs and len(args) == 1 and _is_batch(x.base, 4):
             return Dual(_conv_stream(module, x.base, pert))
-        return Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
+        out = Dual(module(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)
+    return out
 
 
-def _lowrank_weight(module: nn.Module, name: str, trainable: list[tuple[str, nn.Parameter]],
+def _lowrank_weight(module: nn.Module, trainable: list[tuple[str, nn.Parameter]],
                     pert: Perturbation) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{weight name: (U, V, alpha)} when the module's trainable weight takes a low-rank direction
-    (pert.lowrank_rank > 0 and lowrank_eligible), else {}: the in-place perturbation of a
-    single-stream pass then adds alpha U V^T, the same direction as the dual-stream layers'."""
-    weight_name = f"{name}.weight"
-    if not pert.lowrank_rank or not lowrank_eligible(module) or weight_name not in dict(trainable):
+    """{weight name: (U, V, alpha)} when the module's trainable weight takes a low-rank direction,
+    else {}: the in-place perturbation of a single-stream pass then adds alpha U V^T, the same
+    direction as the dual-stream layers'."""
+    name = pert.name_of(getattr(module, "weight", None))
+    if name is None or not pert.is_lowrank(name) or name not in dict(trainable):
         return {}
-    return {weight_name: _lowrank_factors(module.weight, name, pert)}
+    return {name: lowrank_factors(module.weight, name, pert)}
 
 
-def _seeded_dropout(module: nn.Dropout, x: torch.Tensor, seed: int, name: str) -> torch.Tensor:
-    """Dropout with a mask drawn from (seed, layer name): the same mask in the base and the perturbed pass."""
-    generator = torch.Generator(device=x.device).manual_seed((seed ^ zlib.crc32(name.encode())) % (1 << 63))
-    keep = 1.0 - module.p
-    mask = torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)
-    return x * mask
-
-
-def _dropout(module: nn.Dropout, x: Dual) -> Dual:
-    keep = 1.0 - module.p
-    mask = torch.empty_like(x.base).bernoulli_(keep).div_(keep)
-    return Dual(x.base * mask, None if x.pert is None else x.pert * mask)
+def detached(value: Any) -> Any:
+    """value with every tensor detached (a tensor or any pytree of them)."""
+    return pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, value)
 
 
 def cut_node_name(graph_module: torch.fx.GraphModule, model: nn.Module, cut: str) -> str:
