@@ -206,6 +206,31 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, lowp: torch
                              (f" (element {worst})" if elementwise else ""))
 
 
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u): the relative error bound of any float32 computation of n roundings
+    (a sum of n products in any order, with or without FMA; Higham, Accuracy and Stability, 3.1)."""
+    return n * U32 / (1 - n * U32)
+
+
+def rounding_tolerance(model: torch.nn.Module, losses: list[float], mu: float) -> float:
+    """A bound on |g_heron - g_reference| from float32 rounding alone (both sides compute the same
+    finite difference of the same function).
+
+    Each loss is a float32 forward. To first order its rounding error is at most u times the sum,
+    over the forward's inner products, of their lengths (gamma_n = n u for a dot product of n
+    terms) times the magnitude of the values, which the normalised models here keep at order
+    1 + |L|. An inner product per weight matrix, of length its fan-in (row size, p[0].numel()),
+    plus the parameter's own rounding (theta + mu z, once more u): E = u (1 + sum fan-in) (1 + |L|).
+    heron and the reference each carry that error on both losses, so the difference quotients
+    differ by at most 4 E / mu.
+    """
+    fan_in = sum(p[0].numel() for p in model.parameters() if p.dim() >= 2)
+    return 4 * U32 * (1 + fan_in) * (1 + max(abs(v) for v in losses)) / mu
+
+
 def assert_outputs_close(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...],
                          lowp: tuple[torch.Tensor, ...] | None, dtype: torch.dtype) -> None:
     """(y_base, y_pert) of a linear op against the float32 reference (a reduction), in `dtype`."""

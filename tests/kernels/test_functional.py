@@ -99,7 +99,6 @@ def test_lora_perturbed_linear(backend, dtype, shared_input):
     torch_pert = _lowp_linear(xp, layer.weight, layer.bias) + layer.scale * (xp @ a_p.T) @ b_p.T
     assert_close_to_reference(y_base, ref_base, torch_base.detach())
     assert_close_to_reference(y_pert, ref_pert, torch_pert.detach())
-    torch.testing.assert_close(y_base, layer(x).detach(), atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=2e-2)
 
 
 @pytest.mark.parametrize("backend", cpu_backends("zo_sgd_update_"))

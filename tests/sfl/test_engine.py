@@ -120,18 +120,38 @@ class TestBadInput:
             Experiment(replace(SMALL, rounds=0))
 
 
-@pytest.mark.parametrize("zo_rank", [0, 2], ids=["full", "lowrank"])
-def test_sequential_zo_schedule_trains_the_same_model(zo_rank):
-    """The schedule changes how a ZO step runs, not what it computes: same directions (full or
-    low-rank), same estimates up to rounding, so the same model within float tolerance; less
-    client memory."""
-    dual = Experiment(replace(SMALL, method="heron", zo_rank=zo_rank))
-    sequential = Experiment(replace(SMALL, method="heron", zo_schedule="sequential", zo_rank=zo_rank))
+def test_sequential_zo_schedule_trains_the_same_model():
+    """The schedule changes how a ZO step runs, not what it computes: with full directions every
+    layer evaluates the same float32 operations in the same order in both schedules, so the runs
+    are bit-identical; and the sequential one needs less client memory."""
+    dual = Experiment(replace(SMALL, method="heron"))
+    sequential = Experiment(replace(SMALL, method="heron", zo_schedule="sequential"))
     dual_report, sequential_report = dual.run(), sequential.run()
     assert sequential.clients[0].updater.schedule == "sequential"
     for key, value in run_parameters(dual).items():
-        torch.testing.assert_close(run_parameters(sequential)[key], value, rtol=1e-3, atol=1e-4, msg=key)
+        assert torch.equal(run_parameters(sequential)[key], value), key
     assert sequential_report.client_peak_memory_bytes < dual_report.client_peak_memory_bytes
+
+
+def test_sequential_lowrank_schedule_differs_only_in_the_fused_first_layer(monkeypatch):
+    """With low-rank directions the dual schedule evaluates one thing in another order: a layer whose
+    two streams share their input (the first) computes conv(x, W) + alpha U conv(x, V) instead of
+    conv(x, W + alpha U V^T). That difference is bounded by its rounding error analysis in
+    tests/zo/test_dual.py; a ZO estimate divides it by mu, and training amplifies it over the steps,
+    so whole runs are compared with that one evaluation made the same: then they are bit-identical."""
+    import heron.zo.dual as dual_executor
+
+    fused = dual_executor._lowrank_conv
+
+    def in_sequential_order(module, trainable, x, pert):
+        return fused(module, trainable, dual_executor.Dual(x.base, x.base.clone()) if x.pert is None else x, pert)
+
+    monkeypatch.setattr(dual_executor, "_lowrank_conv", in_sequential_order)
+    dual = Experiment(replace(SMALL, method="heron", zo_rank=2))
+    sequential = Experiment(replace(SMALL, method="heron", zo_schedule="sequential", zo_rank=2))
+    dual.run(), sequential.run()
+    for key, value in run_parameters(dual).items():
+        assert torch.equal(run_parameters(sequential)[key], value), key
 
 
 def test_bad_zo_rank():

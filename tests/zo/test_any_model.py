@@ -22,11 +22,10 @@ from torch.func import functional_call
 
 from heron.zo.generic import StreamError
 from heron.zo.updaters import FOUpdater, MeZOUpdater, ZOUpdater
-from tests.helpers import reference_direction
+from tests.helpers import reference_direction, rounding_tolerance
 from tests.zo import third_party as tp
 
 MU = 1e-2
-U32 = 2.0 ** -24  # float32 unit roundoff
 
 
 # The parameter(s) each pattern is about.
@@ -42,22 +41,6 @@ PATTERN_PARAMS = {
 
 
 # -- the reference ----------------------------------------------------------------------------------
-
-def rounding_tolerance(model: nn.Module, losses: list[float], mu: float) -> float:
-    """A bound on |g_heron - g_reference| from float32 rounding alone (both sides compute the same
-    finite difference of the same function).
-
-    Each loss is a float32 forward. To first order its rounding error is at most u times the sum,
-    over the forward's inner products, of their lengths (gamma_n = n u for a dot product of n
-    terms) times the magnitude of the values, which the normalised models here keep at order
-    1 + |L|. An inner product per weight matrix, of length its fan-in (row size, p[0].numel()),
-    plus the parameter's own rounding (theta + mu z, once more u): E = u (1 + sum fan-in) (1 + |L|).
-    heron and the reference each carry that error on both losses, so the difference quotients
-    differ by at most 4 E / mu.
-    """
-    fan_in = sum(p[0].numel() for p in model.parameters() if p.dim() >= 2)
-    return 4 * U32 * (1 + fan_in) * (1 + max(abs(v) for v in losses)) / mu
-
 
 def split(batch):
     inputs, targets = batch

@@ -16,6 +16,7 @@ from torch.func import functional_call
 import heron
 from heron.zo.coverage import trainable_ids
 from heron.zo.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, trace
+from tests.helpers import gamma
 
 MU = 1e-2
 SEED = 2**40 + 5
@@ -147,3 +148,40 @@ def test_untraceable_model_is_named_with_the_way_out():
 
     with pytest.raises(TypeError, match="DataDependent cannot be traced by torch.fx.*executor=.generic."):
         trace(DataDependent())
+
+
+def test_fused_lowrank_first_conv_is_the_in_place_perturbed_conv_within_its_rounding_bound():
+    """The dual schedule's one evaluation order of its own (tests/sfl/test_engine.py): a low-rank
+    direction on a convolution whose streams share their input gives the perturbed stream as
+    conv(x, W) + b + alpha U conv(x, V) + scale z_b; the sequential schedule perturbs the layer in
+    place and runs conv(x, W + alpha U V^T) + (b + scale z_b). Both approximate the same exact value
+    y* (float32 U, V, z_b, alpha). Each output element sums at most K + r + 2 terms (K = C kh kw
+    products, r low-rank products, the bias and its shift) through at most K + r + 4 roundings along
+    any path (the perturbed weight's alpha, product and sum; the conv's products and sums; the final
+    add), so |y - y*| <= gamma_(K+r+4) M with M = |x| * (|W| + |alpha| |U| |V|^T) + |b| + |scale z_b|
+    (magnitudes, in float64) for either evaluation, whatever the CPU's summation order."""
+    from heron.zo.dual import _lowrank_conv, _trainable
+    from heron.zo.perturbation import PerturbedInPlace, lowrank_factors, scaled_bias_direction
+
+    torch.manual_seed(0)
+    conv, rank = nn.Conv2d(3, 32, 3, padding=1), 2
+    model = nn.Sequential(conv)
+    x = torch.randn(16, 3, 12, 12)
+    pert = perturbation(model, lowrank_rank=rank, u_seed=2**41 + 9, lowrank_names=frozenset({"0.weight"}))
+    trainable = _trainable(conv, pert)
+    with torch.no_grad():
+        fused = _lowrank_conv(conv, trainable, Dual(x), pert).pert
+        with PerturbedInPlace(trainable, pert):
+            in_place = conv(x)
+        u, v, alpha = lowrank_factors(conv.weight, "0.weight", pert)
+        bias_shift = scaled_bias_direction(conv.bias, "0.bias", pert)
+        magnitude_weight = conv.weight.double().abs() + (abs(alpha) * u.double().abs() @ v.double().abs().t()).view(
+            conv.weight.shape)
+        magnitude = nn.functional.conv2d(x.double().abs(), magnitude_weight, padding=1) + \
+            (conv.bias.double().abs() + bias_shift.double().abs()).view(1, -1, 1, 1)
+    bound = 2 * gamma(conv.weight[0].numel() + rank + 4) * magnitude
+    difference = (fused.double() - in_place.double()).abs()
+    assert difference.max() > 0  # the two orders do differ: the bound is what the test checks
+    excess = difference - bound
+    assert excess.max() <= 0, f"|fused - in place| {difference.flatten()[excess.argmax()]:.3g} > bound " \
+                              f"{bound.flatten()[excess.argmax()]:.3g}"
