@@ -71,6 +71,10 @@ def _nan_loss(out, y):
     return out.sum() * float("nan")
 
 
+def _huge_loss(out, y):
+    return nn.functional.cross_entropy(out, y).double() * 1e300
+
+
 def _raising_loss(out, y):
     raise RuntimeError("the loss failed")
 
@@ -93,6 +97,15 @@ class TestFailedStepChangesNothing:
         before = snapshot(model, updater)
         with pytest.raises(RuntimeError, match="the loss failed"):
             updater.step(batch())
+        assert_same(snapshot(model, updater), before)
+
+    def test_estimate_beyond_float32(self, kind, optimizer):
+        """Finite losses (float64) whose gradient or projected gradient is not finite in float32, the
+        precision of the parameters and the update kernels: skipped, as a non-finite loss is."""
+        model, updater = trained_updater(kind, optimizer, _huge_loss)
+        before = snapshot(model, updater)
+        result = updater.step(batch())
+        assert result.skipped and "non-finite" in result.reason, result.reason
         assert_same(snapshot(model, updater), before)
 
     def test_batch_of_one_through_batchnorm(self, kind, optimizer):

@@ -87,6 +87,11 @@ def _check_kernel_dtypes(named: Mapping[str, torch.Tensor], names: Iterable[str]
                             f"float16 parameters (convert the model, e.g. model.float())")
 
 
+def _finite_in_float32(values: list[float]) -> bool:
+    """Whether every scalar is finite in float32, the precision of the update kernels (NaN fails too)."""
+    return all(abs(v) <= HF.FLOAT32_MAX for v in values)
+
+
 def _split_batch(batch: Any) -> tuple[tuple, dict, Any]:
     """(positional inputs, keyword inputs, targets) of a batch (inputs, targets)."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -440,7 +445,15 @@ class ZOUpdater(_Updater):
             snapshot.restore()
             result.skipped, result.reason = True, f"non-finite loss (base {loss_base}, perturbed {losses_pert})"
             return result
-        self._apply(step, seeds, grads, updates)
+        if not _finite_in_float32(grads):
+            snapshot.restore()
+            result.skipped, result.reason = True, f"non-finite projected gradients in float32 {grads}"
+            return result
+        try:
+            self._apply(step, seeds, grads, updates)
+        except Exception:
+            snapshot.restore()
+            raise
         return result
 
     def _note_reads(self) -> None:
@@ -571,6 +584,12 @@ class FOUpdater(_Updater):
                     return StepResult(loss=value, smashed=capture.value, skipped=True, step=self.steps,
                                       reason=f"non-finite loss {value}")
                 loss.backward()
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                snapshot.restore()
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepResult(loss=value, smashed=capture.value, skipped=True, step=self.steps,
+                                  reason="non-finite gradient (the loss is finite)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         except Exception:
@@ -684,9 +703,9 @@ class MeZOUpdater(_Updater):
         flat = [v for pair in losses for v in pair]
         result = StepResult(loss=sum(flat) / len(flat), smashed=smashed, step=self.steps, seeds=seeds,
                             projected_grads=grads, losses_perturbed=flat)
-        if not all(math.isfinite(v) for v in flat):
+        if not all(math.isfinite(v) for v in flat) or not _finite_in_float32(grads):
             snapshot.restore()
-            result.skipped, result.reason = True, f"non-finite loss {flat}"
+            result.skipped, result.reason = True, f"non-finite loss {flat} or projected gradients {grads}"
             return result
         self._update(seeds, grads)
         self.steps += 1
