@@ -194,6 +194,19 @@ def test_mixed_precision_parameters_refused_before_anything_changes(kind):
 
 
 @pytest.mark.parametrize("kind", ["fo", "mezo"])
+def test_mixed_precision_parameters_train_with_torch_optimizers(kind):
+    """FO and MeZO update each parameter with torch in its own dtype: a float64 layer is valid input there."""
+    model = bn_mlp()
+    model[3].double()
+    model[3].register_forward_pre_hook(lambda module, args: (args[0].double(),))
+    before = copy.deepcopy(model.state_dict())
+    updater = UPDATERS[kind](model, lambda out, y: nn.functional.cross_entropy(out.float(), y), lr=LR[kind])
+    result = updater.step(batch())
+    assert not result.skipped and model[3].weight.dtype == torch.float64
+    assert not torch.equal(model[3].weight, before["3.weight"])
+
+
+@pytest.mark.parametrize("kind", ["fo", "mezo"])
 def test_unknown_keyword_arguments_refused(kind):
     with pytest.raises(TypeError, match="unexpected keyword argument 'lazy_step'"):
         UPDATERS[kind](bn_mlp(), nn.functional.cross_entropy, lr=0.1, lazy_step=3)
