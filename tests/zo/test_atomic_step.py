@@ -183,12 +183,12 @@ def test_mixed_precision_parameters_refused_before_anything_changes(kind):
     built, and if a parameter becomes float64 later, at the next step before the forward."""
     model = bn_mlp()
     model[3].double()
-    with pytest.raises(TypeError, match=r"parameter '3.weight' is torch.float64"):
+    with pytest.raises(TypeError, match=r"parameter '3.weight' has dtype torch.float64"):
         UPDATERS[kind](model, nn.functional.cross_entropy, lr=1e-3)
     model, updater = trained_updater(kind, "adam", nn.functional.cross_entropy)
     model[3].double()
     before = snapshot(model, updater)
-    with pytest.raises(TypeError, match=r"parameter '3.weight' is torch.float64"):
+    with pytest.raises(TypeError, match=r"parameter '3.weight' has dtype torch.float64"):
         updater.step(batch())
     assert_same(snapshot(model, updater), before)
 

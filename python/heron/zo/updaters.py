@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from heron.kernels import functional as HF
-from heron.kernels.ops import FLOAT_DTYPES
 from heron.kernels.stream import ParameterLayout, check_int, derive_seed, seeded_randn
-from heron.zo.coverage import Plan, check_coverage, choose_executor, plan_rows, trainable_ids
+from heron.zo.coverage import Plan, check_coverage, check_dtypes, choose_executor, plan_rows, trainable_ids
 from heron.zo.dual import DualStreamInterpreter, as_tensors, cut_node_name, detached, lowrank_eligible, trace
 from heron.zo.generic import DualTensor, StreamError, base_of, run_in_stream, run_module
 from heron.zo.perturbation import Perturbation
@@ -77,14 +76,6 @@ def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def _check_kernel_dtypes(named: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
-    """The fused ZO kernels take float32/bfloat16/float16 parameters (math in float32)."""
-    for name in names:
-        if named[name].dtype not in FLOAT_DTYPES:
-            raise TypeError(f"parameter {name!r} is {named[name].dtype}; ZO updates take float32, bfloat16 or "
-                            f"float16 parameters (convert the model, e.g. model.float())")
 
 
 def _finite_in_float32(values: list[float]) -> bool:
@@ -291,7 +282,6 @@ class ZOUpdater(_Updater):
         self.rank = rank if self.perturbation == "lowrank" else 0
         self.lazy_steps = _positive_int(lazy_steps, "lazy_steps")
         self.backend = backend
-        _check_kernel_dtypes(dict(model.named_parameters()), self.param_names)
         check_coverage(model, self.param_names)
         self.layout = ParameterLayout.from_module(model, names=self.param_names)
         ids = trainable_ids(dict(model.named_parameters()), self.param_names)
@@ -491,7 +481,7 @@ class ZOUpdater(_Updater):
         (named: the model's named_parameters()): a low-rank weight is written through its
         (out, in*kh*kw) matrix view, with rank at most min(out, in*kh*kw). Raises before any
         parameter is touched."""
-        _check_kernel_dtypes(named, self.param_names)
+        check_dtypes(named, self.param_names)
         targets = []
         for entry in self.layout:
             stored = named[entry.name].data
