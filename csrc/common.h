@@ -22,11 +22,23 @@ inline int scalar_kind(const torch::Tensor& t, const char* name) {
   }
 }
 
+// Counters of a direction live in [0, kCounterLimit): offset + numel <= kCounterLimit. Exported to
+// Python as heron._C.COUNTER_LIMIT, which must equal heron.kernels.stream.COUNTER_LIMIT (tested).
+constexpr uint64_t kCounterLimit = uint64_t{1} << 63;
+
+// Counters offset .. offset + numel - 1 stay inside [0, kCounterLimit).
+inline void check_counter(int64_t offset, int64_t numel, const char* offset_name) {
+  TORCH_CHECK(offset >= 0, offset_name, " must be non-negative, got ", offset);
+  TORCH_CHECK(numel >= 0, "numel must be non-negative, got ", numel);
+  // both are below 2**63, so their sum fits in uint64
+  TORCH_CHECK(static_cast<uint64_t>(offset) + static_cast<uint64_t>(numel) <= kCounterLimit, offset_name,
+              " + numel overflows the 63-bit counter range: ", offset_name, "=", offset, ", numel=", numel,
+              "; ", offset_name, " + numel must be <= 2**63");
+}
+
 inline void check_key(int64_t seed, int64_t offset, int64_t numel, const char* offset_name = "offset") {
   TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
-  TORCH_CHECK(offset >= 0, offset_name, " must be non-negative, got ", offset);
-  TORCH_CHECK(offset <= INT64_MAX - numel, offset_name, " + numel overflows the 63-bit counter range: ",
-              offset_name, "=", offset, ", numel=", numel);
+  check_counter(offset, numel, offset_name);
 }
 
 inline void check_tensor(const torch::Tensor& t, const char* name, c10::DeviceType device) {

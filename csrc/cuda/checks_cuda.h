@@ -54,13 +54,6 @@ inline void check_nonnegative(int64_t value, const char* name) {
   TORCH_CHECK(value >= 0, name, " must be non-negative, got ", value);
 }
 
-// Counters offset .. offset + numel - 1 stay inside [0, 2**63).
-inline void check_counter(int64_t offset, int64_t numel, const char* name) {
-  check_nonnegative(offset, name);
-  TORCH_CHECK(offset <= INT64_MAX - numel, name, " + numel overflows the 63-bit counter range: ", name, "=", offset,
-              ", numel=", numel);
-}
-
 inline void check_finite(double value, const char* name) {
   TORCH_CHECK(std::isfinite(value), name, " must be finite, got ", value);
 }

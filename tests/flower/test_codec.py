@@ -434,3 +434,80 @@ def test_array_record_rejects_non_arrays():
     with pytest.raises(MessageRejected, match="expected an ArrayRecord"):
         codec.decode_arrays({"w": 1}, {}, "where")
     assert codec.decode_arrays(record, {}, "where") == {}
+
+
+# -- memory and range bounds (issue 15) ----------------------------------------------------------------
+
+def _npy_header_only(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
+    """A .npy payload whose header claims `shape` but that carries no data."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("claimed", [(10**8,), (10**15,), (4, 10**7)])
+def test_npy_header_claiming_a_huge_array_is_rejected_before_allocating(claimed):
+    """The Array declares (4,) and the payload is a few bytes, but its .npy header claims up to 10**15
+    elements: refused from the header, allocating nothing near the claim."""
+    import tracemalloc
+
+    content = _reply()
+    content["heron.model"]["0.bias"] = Array("float32", (4,), "numpy.ndarray", _npy_header_only(claimed))
+    tracemalloc.start()
+    try:
+        reason = _rejected(content)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"heron.model/0.bias: payload holds (dtype('float32'), {claimed}), but its header declares float32 (4,)" \
+        in reason
+    assert peak < 1 << 20, peak
+
+
+def test_npy_payload_with_missing_or_extra_data_is_rejected():
+    data = _npy(np.zeros(4, np.float32))
+    for payload in (data[:-4], data + b"\x00" * 4):
+        content = _reply()
+        content["heron.model"]["0.bias"] = Array("float32", (4,), "numpy.ndarray", payload)
+        assert "heron.model/0.bias: not a valid .npy payload" in _rejected(content)
+
+
+def test_fortran_order_payload_decodes_like_numpy():
+    value = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(4, 3))
+    content = _reply()
+    content["heron.model"]["0.weight"] = Array("float32", (4, 3), "numpy.ndarray", _npy(value))
+    reply = codec.decode_reply(content, _spec())
+    assert torch.equal(reply.result.state["0.weight"], torch.from_numpy(np.ascontiguousarray(value)))
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("mu", float("nan"), "heron.config: mu must be finite in float32"),
+    ("mu", 0.0, "heron.config: mu must be non-zero"),
+    ("alpha", -0.5, "heron.config: alpha must be > 0 (the Dirichlet concentration), got -0.5"),
+    ("alpha", float("inf"), "heron.config: alpha must be finite in float32"),
+    ("zo_lr", float("nan"), "heron.config: zo_lr must be finite in float32"),
+    ("client_lr", -1.0, "heron.config: client_lr must be > 0, got -1.0"),
+    ("server_lr", 1e39, "heron.config: server_lr must be finite in float32"),
+    ("backend", "opencl", "heron.config: backend must be one of ('triton', 'cuda', 'cpu', 'torch') or None, got "
+                          "'opencl'"),
+    ("seed", -3, "heron.config: seed must be non-negative, got -3"),
+    ("device", "tpu", "heron.config: device must be 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
+])
+def test_request_config_ranges_are_checked(key, value, expected):
+    content = _request()
+    content["heron.config"][key] = value
+    assert expected in _request_rejected(content)
+
+
+def test_seeds_reply_with_scalars_beyond_float32_is_rejected():
+    """1e300 is finite in float64 but inf in the float32 update kernels: replaying it would make the model NaN."""
+    array = np.array([[0.0, 1.0], [1e300, 1.0], [0.0, 0.0]])
+    reason = _seeds_rejected(_replace_array(_seeds_reply(), "heron.seeds", "projected_grads", array))
+    assert "heron.seeds: seed-and-scalar upload: 'projected_grads' must be finite in float32" in reason
+
+
+def test_negative_client_id_in_a_seed_upload_is_rejected():
+    tensors = _seeds_upload().to_tensors()
+    tensors["client_id"] = torch.tensor(-2)
+    with pytest.raises(ValueError, match="'client_id' must be non-negative, got -2"):
+        SeedScalarUpload.from_tensors(tensors)

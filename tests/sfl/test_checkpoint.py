@@ -109,7 +109,7 @@ def test_flipped_tensor_byte_is_corrupt(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the stored SHA-256"):
+    with pytest.raises(CheckpointError, match="corrupt: its bytes do not match the stored SHA-256"):
         load_checkpoint(path)
 
 
@@ -187,3 +187,44 @@ def test_latest_checkpoint(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path, "heron") == tmp_path / "heron-round00010.safetensors"
     assert latest_checkpoint(tmp_path, "heron-v2") == tmp_path / "heron-v2-round00099.safetensors"
     assert latest_checkpoint(str(tmp_path), "sfl-v1") is None
+
+
+def test_every_edited_byte_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """The digest covers the whole file: header, metadata (round number, history) and tensors. Flipping
+    any one bit anywhere is refused, with the file named."""
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"w": torch.arange(6, dtype=torch.float32), "step": torch.tensor(3)}, METADATA)
+    data = path.read_bytes()
+    for position in range(len(data)):
+        edited = bytearray(data)
+        edited[position] ^= 0x01
+        path.write_bytes(bytes(edited))
+        with pytest.raises(CheckpointError, match=f"checkpoint {path} "):
+            load_checkpoint(path)
+    path.write_bytes(data)
+    assert load_checkpoint(path)[1] == METADATA
+
+
+def test_edited_round_number_is_refused(tmp_path: Path) -> None:
+    """A forged round number in the metadata (same length, valid JSON) is caught by the digest."""
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, make_state(), METADATA)
+    data = path.read_bytes()
+    assert data.count(b'\\"round\\": 3') == 1
+    path.write_bytes(data.replace(b'\\"round\\": 3', b'\\"round\\": 9'))
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} is corrupt: its bytes do not match the stored "
+                                              f"SHA-256 digest"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("digest", [None, "tensors only"])
+def test_file_without_a_whole_file_digest_is_refused(tmp_path: Path, digest) -> None:
+    import json
+
+    path = tmp_path / "c.safetensors"
+    header = {"heron": json.dumps(METADATA)}
+    if digest is not None:  # what earlier versions wrote: a digest of the tensors only
+        header["heron.sha256"] = "0" * 64
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} has no whole-file SHA-256 digest"):
+        load_checkpoint(path)

@@ -309,3 +309,21 @@ class TestBadInput:
         assert client_uploads(["heron", "cse-fsl"], "seeds", True) == {"heron": "seeds", "cse-fsl": "parameters"}
         assert "cse-fsl upload parameters" in capsys.readouterr().out
         assert client_uploads(["cse-fsl"], "seeds", False) == {"cse-fsl": "seeds"}  # rejected by validate
+
+
+def test_replay_that_would_make_the_model_non_finite_is_refused_and_changes_nothing():
+    """Scalars finite in float32 can still overflow the update (q = 2 directions of 3e38 each with lr 1):
+    the replica refuses the upload, its model and optimizer state as before."""
+    client = _digits_client("sgd", 2)
+    replica = ClientReplica.from_updater(client.updater, client_id=2)
+    broadcast = {k: v.clone() for k, v in client.model.state_dict().items()}
+    upload = seed_scalar_upload(client, client.run_round(0))
+    step, seeds, _ = upload.zo_steps[0]
+    replica.updater.lr = 1.0
+    before_model = {k: v.clone() for k, v in replica.model.state_dict().items()}
+    before_state = replica.state_dict()
+    huge = replace(upload, zo_steps=[(step, seeds, [3e38, 3e38])])
+    with pytest.raises(ValueError, match=r"replaying step 0 of client 2 makes parameter '.*' non-finite"):
+        replica.rebuild(broadcast, huge)
+    assert replica.updater.steps == before_state["steps"] == 0
+    assert all(torch.equal(v, before_model[k]) for k, v in replica.model.state_dict().items())

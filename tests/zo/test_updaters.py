@@ -391,11 +391,8 @@ class TestBadInput:
         updater = cls(model, lambda out, y: out.sum() * float("nan"), lr=0.1)
         result = updater.step(batch_for(model))
         assert result.skipped and "non-finite" in result.reason
-        for k, v in model.state_dict().items():
-            if cls is MeZOUpdater and v.is_floating_point():  # +mu, -2mu, +mu in place: restored up to rounding
-                torch.testing.assert_close(v, before[k], atol=1e-6, rtol=0)
-            else:
-                assert torch.equal(v, before[k]), k
+        for k, v in model.state_dict().items():  # MeZO too: its step restores its copy, not the in-place round trip
+            assert torch.equal(v, before[k]), k
         assert updater.steps == 0
 
     def test_unknown_cut(self):

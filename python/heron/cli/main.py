@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from heron.cli import UsageError
 from heron.cli.profile import run_profile
 from heron.cli.train import add_train_arguments, run_training
 from heron.profiling.environment import environment
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as error:
+        parser.exit(2, f"heron {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

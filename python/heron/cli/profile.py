@@ -5,14 +5,47 @@ from __future__ import annotations
 import argparse
 import json
 
+from heron.cli import UsageError
 from heron.profiling.environment import environment
+
+
+def _checked_kinds(args: argparse.Namespace) -> list[str]:
+    """The updater kinds of --updaters, with every other option checked; a UsageError before any model is built."""
+    import torch
+
+    from heron.kernels import backends
+    from heron.profiling.presets import UPDATERS
+
+    kinds = [k.strip() for k in args.updaters.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in UPDATERS]
+    if unknown or not kinds:
+        raise UsageError(f"--updaters: unknown updater {unknown[0]!r}" if unknown else "--updaters names no updater"
+                         f"; valid: {', '.join(sorted(UPDATERS))}")
+    for name, value, low in (("--batch", args.batch, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from None
+    if device.type not in backends.SUPPORTED_DEVICE_TYPES:
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} needs CUDA, which this torch build or machine does not have")
+    if args.backend is not None:
+        if args.backend not in backends.BACKENDS:
+            raise UsageError(f"--backend must be one of {backends.BACKENDS}, got {args.backend!r}")
+        reason = backends.unavailable_reason(args.backend, device.type)
+        if reason is not None:
+            raise UsageError(f"--backend {args.backend} is not available on {device}: {reason}")
+    return kinds
 
 
 def run_profile(args: argparse.Namespace) -> int:
     from heron.profiling.presets import build_config, build_updater
     from heron.profiling.profile import profile_steps
 
-    kinds = [k.strip() for k in args.updaters.split(",") if k.strip()]
+    kinds = _checked_kinds(args)
     overrides = {} if args.backend is None else {"backend": args.backend}
     config_kwargs = {"device": args.device}
     if args.batch is not None:

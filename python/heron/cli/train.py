@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from heron.cli import UsageError
 from heron.profiling.environment import environment
+
+if TYPE_CHECKING:
+    from heron.sfl.config import TrainConfig
 
 
 def progress_output():
@@ -17,28 +25,49 @@ def progress_output():
     return tqdm, tqdm.write
 
 
-def run_training(args: argparse.Namespace) -> int:
-    from dataclasses import asdict, fields
-
+def checked_configs(args: argparse.Namespace, check_method: Callable[[str], object]) -> list[TrainConfig]:
+    """One validated TrainConfig per method of --method/--compare (check_method(name) refuses the methods the
+    command cannot run), checked against this machine (CUDA, the backend) and --resume; any problem is a
+    UsageError, raised before data is loaded."""
     from heron.sfl.config import TrainConfig
+
+    try:
+        methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]
+        if not methods:
+            raise ValueError("--method/--compare names no method")
+        for method in methods:
+            check_method(method)
+        values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+        upload_of = client_uploads(methods, values["client_upload"], bool(args.compare))
+        configs = [TrainConfig(**{**values, "method": method, "client_upload": upload_of[method]}).validate()
+                   for method in methods]
+        configs[0].check_runnable_here()
+        if getattr(args, "resume", False):
+            if not args.checkpoint_dir:
+                raise ValueError("--resume needs --checkpoint-dir (the directory of the run to continue)")
+            if not Path(args.checkpoint_dir).is_dir():
+                raise ValueError(f"--resume: checkpoint directory {args.checkpoint_dir} does not exist")
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    return configs
+
+
+def run_training(args: argparse.Namespace) -> int:
     from heron.sfl.data import load_dataset, split_clients
     from heron.sfl.engine import Experiment
     from heron.sfl.methods import check_method
     from heron.sfl.report import format_table, plot, report_dict, write_json
 
-    methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]
-    for method in methods:
-        check_method(method)
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    upload_of = client_uploads(methods, values["client_upload"], bool(args.compare))
-    base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
+    configs = checked_configs(args, check_method)
+    methods = [config.method for config in configs]
+    base = configs[0]
     dataset = load_dataset(base.dataset, seed=base.seed)
     client_data = split_clients(dataset, base.clients, base.partition, base.alpha, base.seed)
     bar_factory, log = progress_output()
     quiet = args.no_progress
     reports = []
-    for method in methods:
-        config = TrainConfig(**{**asdict(base), "method": method, "client_upload": upload_of[method]})
+    for config in configs:
+        method = config.method
         bar = client_bar = None
         if bar_factory is not None and not quiet:
             bar = bar_factory(total=config.rounds, desc=f"{method} rounds", unit="round", position=0)

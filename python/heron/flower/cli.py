@@ -7,7 +7,6 @@ import flwr.
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,35 +24,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict, fields
-
-    from heron.cli.train import client_uploads
+    from heron.cli import UsageError
+    from heron.cli.train import checked_configs
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
     from heron.flower.server import describe
     from heron.flower.simulation import simulate
-    from heron.sfl.config import TrainConfig
     from heron.sfl.report import format_table, plot, write_json
 
-    methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]
-    try:
-        for method in methods:
-            check_flower_method(method)
-    except ValueError as error:
-        print(f"heron flower: {error}", file=sys.stderr)
-        return 2
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    upload_of = client_uploads(methods, values["client_upload"], bool(args.compare))
-    base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
+    configs = checked_configs(args, check_flower_method)
     timeout = {} if args.round_timeout is None else {"round_timeout": args.round_timeout}
-    settings = FlowerSettings(**timeout).validate()
+    try:
+        settings = FlowerSettings(**timeout).validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     runs = []
-    for method in methods:
+    for config in configs:
+        method = config.method
+
         def on_round(record, method=method):
             print(f"{method} round {record.round}: test acc {record.test_accuracy:.4f} ({record.seconds:.1f} s)",
                   flush=True)
 
-        config = TrainConfig(**{**asdict(base), "method": method, "client_upload": upload_of[method]})
         runs.append(simulate(config, settings, ray_cpus=args.ray_cpus, client_cpus=args.client_cpus,
                              client_gpus=args.client_gpus, on_round=None if args.no_progress else on_round,
                              verbose=args.verbose))

@@ -121,21 +121,42 @@ def _decode_array(array: Any, spec: TensorSpec, name: str, finite: bool) -> torc
         raise MessageRejected(f"{name}: expected dtype {want}, got {array.dtype}")
     if tuple(array.shape) != spec.shape:
         raise MessageRejected(f"{name}: expected shape {spec.shape}, got {tuple(array.shape)}")
-    limit = int(np.prod(spec.shape, dtype=np.int64)) * want.itemsize + _NPY_HEADER_MAX
+    nbytes = int(np.prod(spec.shape, dtype=np.int64)) * want.itemsize
+    limit = nbytes + _NPY_HEADER_MAX
     if len(array.data) > limit:
         raise MessageRejected(f"{name}: payload of {len(array.data)} bytes, expected at most {limit} for "
                               f"shape {spec.shape} {want}")
-    try:
-        value = np.load(io.BytesIO(array.data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise MessageRejected(f"{name}: not a valid .npy payload ({error})") from None
-    if not isinstance(value, np.ndarray) or value.dtype != want or value.shape != spec.shape:
-        got = (value.dtype, value.shape) if isinstance(value, np.ndarray) else type(value).__name__
-        raise MessageRejected(f"{name}: payload holds {got}, but its header declares {want} {spec.shape}")
-    tensor = torch.from_numpy(np.array(value, copy=True))
+    dtype, shape, fortran_order, start = _npy_header(array.data, name)
+    if dtype != want or shape != spec.shape:  # checked before anything the header claims is allocated
+        raise MessageRejected(f"{name}: payload holds {(dtype, shape)}, but its header declares {want} {spec.shape}")
+    if len(array.data) - start != nbytes:
+        raise MessageRejected(f"{name}: not a valid .npy payload ({len(array.data) - start} data bytes after the "
+                              f"header, expected {nbytes} for {want} {spec.shape})")
+    flat = np.frombuffer(array.data, dtype=want, count=nbytes // want.itemsize, offset=start)
+    value = flat.reshape(spec.shape, order="F" if fortran_order else "C")
+    tensor = torch.from_numpy(np.array(value, order="C", copy=True))
     if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise MessageRejected(f"{name}: contains NaN or infinite values")
     return tensor
+
+
+def _npy_header(data: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, where the data starts) from an .npy payload's header, read without
+    reading (or allocating) the data; object dtypes (pickles) are refused."""
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_NPY_HEADER_MAX)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_NPY_HEADER_MAX)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, OSError, EOFError, SyntaxError) as error:
+        raise MessageRejected(f"{name}: not a valid .npy payload ({error})") from None
+    if dtype.hasobject:
+        raise MessageRejected(f"{name}: not a valid .npy payload (dtype {dtype} holds Python objects)")
+    return dtype, tuple(shape), bool(fortran_order), stream.tell()
 
 
 # -- scalars ---------------------------------------------------------------------------------------

@@ -46,18 +46,65 @@ def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], meaning: st
         raise ValueError(f"{name} must have shape {shape} ({meaning}), got {_describe(t)}")
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels compute in float32: larger scalars become inf
+
+
 def check_scalar(value: object, name: str, *, nonzero: bool = False, non_negative: bool = False) -> float:
-    """`value` as a finite float, or a TypeError / ValueError naming `name` and what it got."""
+    """`value` (a real number or a one-element real tensor) as a float that is finite in float32,
+    the precision the kernels compute in, or a TypeError / ValueError naming `name` and what it got.
+    nonzero: also refuse values that are 0 in float32 (e.g. 1e-50)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    if nonzero and number == 0.0:
-        raise ValueError(f"{name} must be non-zero (it divides the finite difference), got {number}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), got {value}") from None
+    if not abs(number) <= FLOAT32_MAX:  # NaN fails too
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FLOAT32_MAX:.4g}), got {number}")
+    if nonzero and float(torch.tensor(number, dtype=torch.float32)) == 0.0:
+        raise ValueError(f"{name} must be non-zero in float32 (it divides the finite difference), got {number}")
     if non_negative and number < 0.0:
         raise ValueError(f"{name} must be non-negative, got {number}")
     return number
+
+
+def check_finite_float32(t: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming `name` when a floating tensor holds a value that is not finite in float32
+    (NaN, inf, or beyond float32's range: what check_scalar refuses, for a whole tensor)."""
+    bad = ~(t.detach().abs() <= FLOAT32_MAX)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} must be finite in float32 (|value| <= {FLOAT32_MAX:.4g}), got {t[index].item()}"
+                         + (f" at index {index}" if index else ""))
+
+
+def _check_disjoint(*named: tuple[torch.Tensor, str]) -> None:
+    """Raise a ValueError when two of the tensors share memory (the same tensor, views of each other,
+    or partly overlapping views): an in-place op that writes one while reading another would be wrong."""
+    spans = []
+    for t, name in named:
+        if t.numel():
+            extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+            spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size(), name))
+    for i, (start_a, end_a, name_a) in enumerate(spans):
+        for start_b, end_b, name_b in spans[i + 1:]:
+            if start_a < end_b and start_b < end_a:
+                raise ValueError(f"{name_a} and {name_b} must not share memory, got overlapping byte ranges "
+                                 f"[{start_a:#x}, {end_a:#x}) and [{start_b:#x}, {end_b:#x})")
+
+
+def check_betas(betas: object) -> tuple[float, float]:
+    """Adam's (beta1, beta2), each in [0, 1), or a TypeError / ValueError saying what betas got."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1, beta2 = (check_scalar(b, f"betas[{i}]") for i, b in enumerate(betas))
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(f"betas must be in [0, 1), got {tuple(betas)}")
+    return beta1, beta2
 
 
 def _backend_name(backend: str | None, device: torch.device) -> str:
@@ -80,13 +127,14 @@ def _check_linear_inputs(x, weight, bias, x_pert) -> tuple[torch.Tensor, torch.T
         _check_shape(bias, "bias", (weight.shape[0],), "out_features of weight")
     # The ops are forward-only (zeroth order): inputs are detached so tensors that require grad,
     # such as a module's parameters, can be passed without building an autograd graph.
-    x2d = x.detach().reshape(-1, x.shape[-1]).contiguous()
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, K): ambiguous when K is 0
+    x2d = x.detach().reshape(rows, x.shape[-1]).contiguous()
     if x_pert is None:
         return x2d, None
     _check_float_tensor(x_pert, "x_pert")
     _check_like(x_pert, "x_pert", x, "x")
     _check_shape(x_pert, "x_pert", tuple(x.shape), "the shape of x")
-    return x2d, x_pert.detach().reshape(-1, x.shape[-1]).contiguous()
+    return x2d, x_pert.detach().reshape(rows, x.shape[-1]).contiguous()
 
 
 def _frozen(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -247,13 +295,15 @@ def _directions(seed, grad, device: torch.device) -> tuple[torch.Tensor, torch.T
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(f"seed[{index}] must be a (seed, grad) pair, got {pair!r}")
         seeds.append(check_int(pair[0], "seed" if grad is not None else f"seed[{index}][0]", limit=COUNTER_LIMIT))
-        g = pair[1]
-        if isinstance(g, torch.Tensor):
-            if g.numel() != 1:
-                raise ValueError(f"grad must be a scalar, got a tensor of shape {tuple(g.shape)}")
-            grads.append(g.reshape(()).to(device=device, dtype=torch.float32))
+        g, name = pair[1], "grad" if grad is not None else f"seed[{index}][1] (grad)"
+        if isinstance(g, torch.Tensor) and g.device.type != "cpu":
+            if g.numel() != 1 or g.dtype == torch.bool or g.dtype.is_complex:
+                raise TypeError(f"{name} must be a real number, got a {g.dtype} tensor of shape {tuple(g.shape)}")
+            g = g.reshape(()).to(device=device, dtype=torch.float32)
+            check_finite_float32(g, name)  # one host sync for a device tensor
+            grads.append(g)
         else:
-            grads.append(torch.tensor(check_scalar(g, "grad"), dtype=torch.float32, device=device))
+            grads.append(torch.tensor(check_scalar(g, name), dtype=torch.float32, device=device))
     return torch.tensor(seeds, dtype=torch.int64, device=device), torch.stack(grads)
 
 
@@ -304,7 +354,8 @@ def zo_sgd_update_(
         param: any shape, float32/bfloat16/float16 (math in float32).
         seed, grad: one direction's seed and projected-gradient scalar g = (L(theta+mu u) - L(theta)) / mu,
             or seed = [(seed_j, g_j), ...] for q directions applied in one pass (pass g_j / q to average).
-            grad may be a 0-d tensor on param's device (no host sync).
+            grad may be a 0-d real tensor; each grad must be finite in float32 (checked: one host sync
+            for a CUDA tensor).
         offset: the parameter's first counter (ParameterLayout.offset).
         rank: 0 for full Gaussian directions; r > 0 for low-rank z_j = U V_j.T / sqrt(r) (2-D params),
             U keyed by (u_seed, u_offset) (u_seed defaults to the single direction's seed), V_j by
@@ -338,7 +389,8 @@ def zo_adam_update_(
     The gradient is regenerated element by element from the seeds; no temporary the size of param.
 
     Args:
-        param: any shape, float32/bfloat16/float16; exp_avg, exp_avg_sq: float32, param's shape and device.
+        param: any shape, float32/bfloat16/float16; exp_avg, exp_avg_sq: float32, param's shape and device,
+            contiguous; no two of the three may share memory.
         seed, grad, offset, rank, u_seed, u_offset, v_offset: as in zo_sgd_update_.
         step: 1-based count of this update (bias correction uses beta**step).
     Returns:
@@ -353,11 +405,10 @@ def zo_adam_update_(
         _check_shape(t, name, tuple(param.shape), "param's shape")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    _check_disjoint((param, "param"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq"))
     seeds, grads = _directions(seed, grad, param.device)
     lr = check_scalar(lr, "lr")
-    beta1, beta2 = (check_scalar(b, f"betas[{i}]") for i, b in enumerate(betas))
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        raise ValueError(f"betas must be in [0, 1), got {betas}")
+    beta1, beta2 = check_betas(betas)
     eps = check_scalar(eps, "eps", non_negative=True)
     weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
     step = check_int(step, "step", limit=2**62)
@@ -422,6 +473,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          f"dims), got {_describe(targets) if isinstance(targets, torch.Tensor) else type(targets)}")
     if bias is not None:
         _check_shape(_check_float_tensor(bias, "bias"), "bias", (weight.shape[0],), "(vocab,)")
+    for t, name in ((weight, "weight"), (bias, "bias"), (targets, "targets")):
+        if t is not None:  # a meta weight would give a meaningless number, another device a late error
+            _check_like(t, name, hidden, "hidden", dtype=False)
     rows = hidden.reshape(-1, hidden.shape[-1])
     labels = targets.reshape(-1)
     if chunk_rows is None:

@@ -2,8 +2,10 @@
 
 A checkpoint holds a (possibly nested) dict of tensors, stored flat under "/"-joined keys, and a
 JSON-serialisable metadata dict, stored as one JSON string under the header metadata key "heron".
-A SHA-256 digest of the tensors (names, dtypes, shapes and bytes) is stored beside it, so a
-damaged file is reported as corrupt instead of loading wrong numbers.
+A SHA-256 digest of the whole file is stored beside it (computed with the digest's own 64 hex
+digits written as zeros), so any edited byte -- a tensor, the metadata's round number or history,
+the header -- is refused as corrupt instead of loading wrong numbers or skipping rounds; a file
+without that digest is refused too.
 
 `save_checkpoint` writes a temp file in the target's directory, fsyncs it, renames it over the
 target (os.replace is atomic) and fsyncs the directory: a crash at any point leaves either the old
@@ -23,11 +25,12 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from torch import Tensor
 
 METADATA_KEY = "heron"
-DIGEST_KEY = "heron.sha256"
+DIGEST_KEY = "heron.file-sha256"  # the whole file's SHA-256 (earlier versions wrote "heron.sha256", tensors only)
+_DIGEST_PLACEHOLDER = "0" * 64
 SUFFIX = ".safetensors"
 
 
@@ -47,8 +50,11 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Any], metadat
     """
     path = Path(path)
     flat = flatten_tensors(tensors)
-    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: tensor_digest(flat)}
-    _atomic_write(path, safetensors.torch.save(flat, metadata=header))
+    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: _DIGEST_PLACEHOLDER}
+    payload = bytearray(safetensors.torch.save(flat, metadata=header))
+    start = _digest_position(payload)
+    payload[start:start + len(_DIGEST_PLACEHOLDER)] = hashlib.sha256(payload).hexdigest().encode()
+    _atomic_write(path, bytes(payload))
 
 
 def flatten_tensors(tree: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -115,15 +121,17 @@ def _encode_metadata(metadata: Mapping[str, Any]) -> str:
         raise TypeError(f"checkpoint metadata must be JSON-serialisable: {error}") from error
 
 
-def tensor_digest(flat: Mapping[str, Tensor]) -> str:
-    """SHA-256 hex digest over every tensor's name, dtype, shape and bytes (CPU tensors), in key order."""
-    digest = hashlib.sha256()
-    for name in sorted(flat):
-        tensor = flat[name]
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        if tensor.numel():
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
+def _digest_position(payload: bytes | bytearray) -> int | None:
+    """Where the digest's 64 hex digits start in a safetensors payload (in its JSON header), or None when the
+    header does not hold exactly one digest entry."""
+    if len(payload) < 8:
+        return None
+    header_end = 8 + int.from_bytes(payload[:8], "little")
+    marker = f'"{DIGEST_KEY}":"'.encode()
+    header = bytes(payload[8:header_end])
+    if header.count(marker) != 1:
+        return None
+    return 8 + header.index(marker) + len(marker)
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
@@ -174,7 +182,6 @@ def load_checkpoint(path: str | os.PathLike, *, expected_metadata: Mapping[str, 
         raise CheckpointError(f"checkpoint {path} does not exist")
     flat, header = _read(path)
     metadata = _decode_metadata(path, header)
-    _check_digest(path, flat, header)
     if expected_metadata is not None:
         _check_metadata(path, metadata, expected_metadata)
     if expected_shapes is not None:
@@ -197,15 +204,28 @@ def unflatten_tensors(flat: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a checkpoint whose whole-file digest matches (else CheckpointError)."""
     try:
-        with safe_open(str(path), framework="pt") as file:
-            header = file.metadata() or {}
-            flat = {name: file.get_tensor(name) for name in file.keys()}
-    except SafetensorError as error:
-        raise CheckpointError(f"checkpoint {path} is corrupt (truncated or not a safetensors file): {error}") from error
+        payload = path.read_bytes()
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+    try:
+        flat = safetensors.torch.load(payload)
+        header = _header_metadata(payload)
+    except (SafetensorError, ValueError) as error:  # json's errors are ValueErrors
+        raise CheckpointError(f"checkpoint {path} is corrupt (truncated or not a safetensors file): {error}") from error
+    if METADATA_KEY in header:  # a file without it is not heron's (load_checkpoint says so)
+        _check_digest(path, payload, header)
     return flat, header
+
+
+def _header_metadata(payload: bytes) -> dict[str, str]:
+    """The "__metadata__" dict of a safetensors payload that safetensors has parsed already."""
+    header = json.loads(payload[8:8 + int.from_bytes(payload[:8], "little")])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("its __metadata__ is not a JSON object")
+    return metadata
 
 
 def _decode_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
@@ -222,10 +242,15 @@ def _decode_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     return metadata
 
 
-def _check_digest(path: Path, flat: Mapping[str, Tensor], header: Mapping[str, str]) -> None:
-    stored = header.get(DIGEST_KEY)
-    if stored is not None and stored != tensor_digest(flat):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its tensors do not match the stored SHA-256 digest")
+def _check_digest(path: Path, payload: bytes, header: Mapping[str, str]) -> None:
+    stored, start = header.get(DIGEST_KEY), _digest_position(payload)
+    if stored is None or start is None:
+        raise CheckpointError(f"checkpoint {path} has no whole-file SHA-256 digest ({DIGEST_KEY!r}): it was edited, "
+                              f"or written by another program or an earlier heron; refusing to trust it")
+    canonical = bytearray(payload)
+    canonical[start:start + len(_DIGEST_PLACEHOLDER)] = _DIGEST_PLACEHOLDER.encode()
+    if stored != hashlib.sha256(canonical).hexdigest():
+        raise CheckpointError(f"checkpoint {path} is corrupt: its bytes do not match the stored SHA-256 digest")
 
 
 def _check_metadata(path: Path, stored: Mapping[str, Any], expected: Mapping[str, Any]) -> None:

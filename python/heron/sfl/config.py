@@ -8,15 +8,22 @@ from a state whose identity equals theirs (`identity_differences` says what diff
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
+from heron.kernels import backends
+from heron.kernels.functional import check_scalar
+from heron.kernels.stream import SEED_LIMIT, check_int
 from heron.sfl.data import DATASET_KINDS
 from heron.sfl.methods import check_method, check_model_fits
 from heron.sfl.replay import check_client_upload
 from heron.zo.updaters import SCHEDULES
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 USER_MODEL = "user"  # TrainConfig.model of a run on a model the user split (Experiment(split=...))
 
 # Fields that may differ within one run: `rounds` (a finished run can be resumed to train further) and
@@ -71,6 +78,33 @@ class TrainConfig:
         for name in ("clients", "rounds", "local_steps", "upload_every", "batch_size", "q"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.upload_every > self.local_steps:
+            raise ValueError(f"upload_every must be <= local_steps (clients upload every upload_every local steps: "
+                             f"with more, no client ever uploads and the server never trains), got upload_every="
+                             f"{self.upload_every}, local_steps={self.local_steps}")
+        check_scalar(self.mu, "mu", nonzero=True)
+        for name in ("alpha", "client_lr", "zo_lr", "server_lr"):
+            if check_scalar(getattr(self, name), name) <= 0:
+                meaning = " (the Dirichlet concentration)" if name == "alpha" else ""
+                raise ValueError(f"{name} must be > 0{meaning}, got {getattr(self, name)}")
+        check_int(self.seed, "seed", limit=SEED_LIMIT)
+        if self.backend is not None and self.backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS} or None, got {self.backend!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+        return self
+
+    def check_runnable_here(self) -> TrainConfig:
+        """What a valid config needs from this machine (a config may be valid and still run elsewhere, e.g.
+        a Flower server sends it to CUDA nodes): CUDA for device cuda, and the kernel backend it names."""
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} needs CUDA, which this torch build or machine does not have "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if self.backend is not None:
+            reason = backends.unavailable_reason(self.backend, device.type)
+            if reason is not None:
+                raise ValueError(f"backend {self.backend!r} is not available on {self.device}: {reason}")
         return self
 
     def identity(self) -> dict[str, Any]:

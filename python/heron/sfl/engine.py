@@ -48,7 +48,7 @@ class Experiment:
         if (split is None) != (config.model != USER_MODEL):
             raise ValueError(f"a user-split model needs config.model={USER_MODEL!r} and split=..., together; got "
                              f"model={config.model!r} and split={'given' if split is not None else None}")
-        self.config = config.validate()
+        self.config = config.validate().check_runnable_here()
         self.user_split = None if split is None else copy.deepcopy(split)
         self.device = torch.device(config.device)
         self.log = progress or (lambda message: None)

@@ -20,7 +20,6 @@ without the forward passes cannot reproduce (and its torch.Generator normals dif
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heron.kernels import functional as HF
 from heron.sfl.roles import Client, ClientRoundResult, tensor_bytes
 from heron.zo.updaters import ZOUpdater
 
@@ -157,6 +157,8 @@ class SeedScalarUpload:
         client_id, step, seeds, grads = (tensors[key] for key in required)
         if client_id.dtype != torch.int64 or client_id.dim() != 0:
             raise _fail("client_id", "an int64 scalar (shape ())", client_id)
+        if int(client_id) < 0:
+            raise ValueError(f"seed-and-scalar upload: 'client_id' must be non-negative, got {int(client_id)}")
         if step.dtype != torch.int64 or step.dim() != 1:
             raise _fail("step", "int64 of shape (steps,)", step)
         n = step.shape[0]
@@ -170,6 +172,10 @@ class SeedScalarUpload:
             raise ValueError("seed-and-scalar upload: 'step' and 'seeds' must be non-negative")
         if not bool(torch.isfinite(grads).all()):
             raise ValueError("seed-and-scalar upload: 'projected_grads' holds non-finite values")
+        try:  # the update kernels compute in float32: 1e300 would become inf there
+            HF.check_finite_float32(grads, "'projected_grads'")
+        except ValueError as error:
+            raise ValueError(f"seed-and-scalar upload: {error}") from None
         buffers = {key[len(BUFFER_PREFIX):]: value for key, value in tensors.items() if key.startswith(BUFFER_PREFIX)}
         if expected_buffers is not None:
             _check_buffers(buffers, expected_buffers)
@@ -260,9 +266,18 @@ class ClientReplica:
         """The client's state after the round: broadcast_state (the round's start), the upload's steps
         replayed with the client's kernels, then its buffers. Returns clones on the replica's device."""
         self._check(upload)
+        model_before, updater_before = self.model.state_dict(keep_vars=False), self.updater.state_dict()
+        model_before = {key: value.clone() for key, value in model_before.items()}
         self.model.load_state_dict(broadcast_state)
         for step, seeds, grads in upload.zo_steps:
             self.updater.apply(step, seeds, grads)
+            bad = next((name for name in self.updater.param_names
+                        if not bool(torch.isfinite(self.model.get_parameter(name)).all())), None)
+            if bad is not None:  # finite scalars can still overflow an update: refuse the upload, undo the replay
+                self.model.load_state_dict(model_before)
+                self.updater.load_state_dict(updater_before)
+                raise ValueError(f"replaying step {step} of client {upload.client_id} makes parameter {bad!r} "
+                                 f"non-finite: its projected gradients {list(grads)} are too large")
         with torch.no_grad():
             state = self.model.state_dict()
             for key, value in upload.buffers.items():
@@ -282,9 +297,9 @@ class ClientReplica:
             if list(seeds) != self.updater.direction_seeds(step):
                 raise ValueError(f"step {step} of client {upload.client_id} has seeds {list(seeds)}, the replica "
                                  f"derives {self.updater.direction_seeds(step)}: different updater seed or q")
-            if len(grads) != len(seeds) or not all(math.isfinite(g) for g in grads):
-                raise ValueError(f"step {step} of client {upload.client_id} needs {len(seeds)} finite scalars, "
-                                 f"got {list(grads)}")
+            if len(grads) != len(seeds) or not all(abs(g) <= HF.FLOAT32_MAX for g in grads):
+                raise ValueError(f"step {step} of client {upload.client_id} needs {len(seeds)} scalars finite in "
+                                 f"float32, got {list(grads)}")
             expected_step += 1
 
     def state_dict(self) -> dict[str, Any]:

@@ -43,6 +43,15 @@ def trainable_ids(named: dict[str, nn.Parameter], param_names: list[str]) -> dic
     return {id(named[n]): n for n in param_names}
 
 
+def check_dtypes(named: dict[str, torch.Tensor], param_names: list[str]) -> None:
+    """Raise, naming the parameter, if a trainable parameter's dtype is not one the ZO kernels take (also
+    checked before each step: a model converted after the updater was built)."""
+    for name in param_names:
+        if named[name].dtype not in HF.FLOAT_DTYPES:
+            raise TypeError(f"trainable parameter {name!r} has dtype {named[name].dtype}; ZO steps perturb float32, "
+                            f"bfloat16 and float16 parameters (freeze it, or pass params= without it)")
+
+
 def check_coverage(model: nn.Module, param_names: list[str]) -> None:
     """Raise, naming the parameter, if a trainable parameter is one no executor can perturb where it is read."""
     named = dict(model.named_parameters())
@@ -54,9 +63,7 @@ def check_coverage(model: nn.Module, param_names: list[str]) -> None:
         if type(param) not in (nn.Parameter, torch.Tensor):
             raise TypeError(f"trainable parameter {name!r} is a {type(param).__name__}, a tensor subclass whose "
                             f"reads heron cannot perturb; ZO steps take plain nn.Parameter tensors")
-        if param.dtype not in HF.FLOAT_DTYPES:
-            raise TypeError(f"trainable parameter {name!r} has dtype {param.dtype}; ZO steps perturb float32, "
-                            f"bfloat16 and float16 parameters (freeze it, or pass params= without it)")
+    check_dtypes(named, param_names)
     for module_name, module in model.named_modules():
         kind = ("a TorchScript module" if isinstance(module, torch.jit.ScriptModule) else
                 "a torch.compile'd module" if type(module).__name__ in _COMPILED else None)

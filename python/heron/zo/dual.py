@@ -36,6 +36,7 @@ would run.
 
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 from collections.abc import Callable, Container
@@ -461,6 +462,8 @@ def _normalise(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, *, upda
     statistics and num_batches_tracked are updated exactly as the module updates them.
     """
     training = module.training or module.running_mean is None
+    if training and x.shape[0] * math.prod(x.shape[2:]) == 1:  # torch's nn.BatchNorm refuses it the same way
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
     factor = 0.0
     running_mean = running_var = None
     if module.running_mean is not None and (update_stats or not module.training):

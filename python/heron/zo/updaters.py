@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from heron.kernels import functional as HF
-from heron.kernels.stream import ParameterLayout, derive_seed, seeded_randn
-from heron.zo.coverage import Plan, check_coverage, choose_executor, plan_rows, trainable_ids
+from heron.kernels.stream import ParameterLayout, check_int, derive_seed, seeded_randn
+from heron.zo.coverage import Plan, check_coverage, check_dtypes, choose_executor, plan_rows, trainable_ids
 from heron.zo.dual import DualStreamInterpreter, as_tensors, cut_node_name, detached, lowrank_eligible, trace
 from heron.zo.generic import DualTensor, StreamError, base_of, run_in_stream, run_module
 from heron.zo.perturbation import Perturbation
@@ -70,6 +70,17 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _finite_in_float32(values: list[float]) -> bool:
+    """Whether every scalar is finite in float32, the precision of the update kernels (NaN fails too)."""
+    return all(abs(v) <= HF.FLOAT32_MAX for v in values)
 
 
 def _split_batch(batch: Any) -> tuple[tuple, dict, Any]:
@@ -133,12 +144,14 @@ class _Updater:
     """Shared pieces: parameter selection, cut capture, batch checks."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, lr: float, weight_decay: float, seed: int,
-                 params: Iterable | None, cut: str | None):
+                 params: Iterable | None, cut: str | None, betas: tuple[float, float], eps: float):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model, self.loss_fn = model, loss_fn
         self.lr = HF.check_scalar(lr, "lr")
         self.weight_decay = HF.check_scalar(weight_decay, "weight_decay", non_negative=True)
+        self.betas = HF.check_betas(betas)  # checked whatever the optimizer: bad input is refused, not ignored
+        self.eps = HF.check_scalar(eps, "eps", non_negative=True)
         self.seed = seed
         self.cut = cut
         self.param_names = _select_params(model, params)
@@ -253,12 +266,11 @@ class ZOUpdater(_Updater):
                  params: Iterable | None = None, perturbation: str = "full", rank: int | None = None,
                  lazy_steps: int = 1, cut: str | None = None, backend: str | None = None,
                  schedule: str = "dual", executor: str = "auto"):
-        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
+        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut,
+                         betas=betas, eps=eps)
         self.schedule = _choice(schedule, "schedule", SCHEDULES)
         self.mu = HF.check_scalar(mu, "mu", nonzero=True)
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-            raise ValueError(f"q must be a positive int, got {q!r}")
-        self.q = q
+        self.q = _positive_int(q, "q")
         self.direction = _choice(direction, "direction", DIRECTIONS)
         self.optimizer = _choice(optimizer, "optimizer", OPTIMIZERS)
         self.perturbation = _choice(perturbation, "perturbation", PERTURBATIONS)
@@ -268,8 +280,8 @@ class ZOUpdater(_Updater):
             if self.direction == "sphere":
                 raise ValueError("direction='sphere' is defined for full directions; use perturbation='full'")
         self.rank = rank if self.perturbation == "lowrank" else 0
-        self.lazy_steps = max(1, int(lazy_steps))
-        self.betas, self.eps, self.backend = betas, eps, backend
+        self.lazy_steps = _positive_int(lazy_steps, "lazy_steps")
+        self.backend = backend
         check_coverage(model, self.param_names)
         self.layout = ParameterLayout.from_module(model, names=self.param_names)
         ids = trainable_ids(dict(model.named_parameters()), self.param_names)
@@ -423,7 +435,15 @@ class ZOUpdater(_Updater):
             snapshot.restore()
             result.skipped, result.reason = True, f"non-finite loss (base {loss_base}, perturbed {losses_pert})"
             return result
-        self._apply(step, seeds, grads, updates)
+        if not _finite_in_float32(grads):
+            snapshot.restore()
+            result.skipped, result.reason = True, f"non-finite projected gradients in float32 {grads}"
+            return result
+        try:
+            self._apply(step, seeds, grads, updates)
+        except Exception:
+            snapshot.restore()
+            raise
         return result
 
     def _note_reads(self) -> None:
@@ -461,6 +481,7 @@ class ZOUpdater(_Updater):
         (named: the model's named_parameters()): a low-rank weight is written through its
         (out, in*kh*kw) matrix view, with rank at most min(out, in*kh*kw). Raises before any
         parameter is touched."""
+        check_dtypes(named, self.param_names)
         targets = []
         for entry in self.layout:
             stored = named[entry.name].data
@@ -488,9 +509,17 @@ class ZOUpdater(_Updater):
         unknown = sorted(set(state["moments"]) - set(named))
         if unknown:
             raise ValueError(f"updater state has moments for parameters this model does not have: {unknown}")
-        self.steps = int(state["steps"])
-        self.state = {n: (m.to(named[n].device, copy=True), v.to(named[n].device, copy=True))
-                      for n, (m, v) in state["moments"].items()}
+        steps = _checked_steps(state["steps"])
+        moments = {}
+        for name, pair in state["moments"].items():
+            param = named[name]
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"updater state: moments of {name!r} must be a pair (exp_avg, exp_avg_sq), got "
+                                 f"{type(pair).__name__}")
+            moments[name] = tuple(_checked_moment(t, f"moments of {name!r}: {which}", param, torch.float32,
+                                                  non_negative=which == "exp_avg_sq")
+                                  for t, which in zip(pair, ("exp_avg", "exp_avg_sq"), strict=True))
+        self.steps, self.state = steps, moments
 
 
 class _CutCapture:
@@ -524,10 +553,12 @@ class FOUpdater(_Updater):
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, optimizer: str = "sgd", lr: float,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 seed: int = 0, params: Iterable | None = None, cut: str | None = None, **unused: Any):
-        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
+                 seed: int = 0, params: Iterable | None = None, cut: str | None = None):
+        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut,
+                         betas=betas, eps=eps)
         self.optimizer_name = _choice(optimizer, "optimizer", OPTIMIZERS)
-        self.optimizer = _torch_optimizer(optimizer, self.parameters(), self.lr, self.weight_decay, betas, eps)
+        self.optimizer = _torch_optimizer(optimizer, self.parameters(), self.lr, self.weight_decay, self.betas,
+                                          self.eps)
 
     def step(self, batch: Any) -> StepResult:
         args, kwargs, targets = _split_batch(batch)
@@ -543,6 +574,12 @@ class FOUpdater(_Updater):
                     return StepResult(loss=value, smashed=capture.value, skipped=True, step=self.steps,
                                       reason=f"non-finite loss {value}")
                 loss.backward()
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                snapshot.restore()
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepResult(loss=value, smashed=capture.value, skipped=True, step=self.steps,
+                                  reason="non-finite gradient (the loss is finite)")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         except Exception:
@@ -557,8 +594,48 @@ class FOUpdater(_Updater):
         return {"steps": self.steps, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
+        steps = _checked_steps(state["steps"])
+        _check_optimizer_state(self.optimizer, state["optimizer"], self.param_names)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = steps
+
+
+def _checked_steps(steps: object) -> int:
+    return check_int(steps, "updater state: steps", limit=2**62)
+
+
+def _checked_moment(t: object, name: str, param: torch.Tensor, dtype: torch.dtype, *,
+                    non_negative: bool) -> torch.Tensor:
+    """An optimizer moment of `param` from a saved state, checked (a tensor of param's shape, `dtype`, finite,
+    and >= 0 for a second moment) and copied contiguously to param's device."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(param.shape) or t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} of shape {tuple(param.shape)} (its parameter's), got {t.dtype} "
+                         f"of shape {tuple(t.shape)}")
+    HF.check_finite_float32(t, name)
+    if non_negative and bool((t < 0).any()):
+        raise ValueError(f"{name} must be non-negative (a second moment), got minimum {t.min().item()}")
+    return t.to(param.device, memory_format=torch.contiguous_format, copy=True)
+
+
+_TORCH_MOMENTS = {"exp_avg": False, "exp_avg_sq": True, "max_exp_avg_sq": True, "momentum_buffer": False}
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: object, names: list[str]) -> None:
+    """Check a torch.optim state_dict before the optimizer loads it (torch casts and loads what it gets):
+    each moment must have its parameter's shape and dtype and be finite. names: the parameters' names."""
+    if not isinstance(state, Mapping) or not isinstance(state.get("state"), Mapping):
+        raise ValueError(f"updater state: optimizer must be a torch.optim state_dict, got {type(state).__name__}")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, slot in state["state"].items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"updater state: optimizer state for parameter index {index!r}, which is not in "
+                             f"[0, {len(params)})")
+        for key, value in slot.items():
+            if key in _TORCH_MOMENTS:
+                _checked_moment(value, f"optimizer state of {names[index]!r}: {key}", params[index],
+                                params[index].dtype, non_negative=_TORCH_MOMENTS[key])
 
 
 class MeZOUpdater(_Updater):
@@ -567,19 +644,23 @@ class MeZOUpdater(_Updater):
 
     The smashed data is the cut output of the theta + mu z forward (MeZO has no unperturbed one).
     optimizer "sgd" updates in place; "adam"/"adamw" materialise each parameter's g * z as .grad
-    for torch.optim.
+    for torch.optim. A step keeps a copy of the trained parameters while it runs, so a step that
+    raises or is skipped leaves them bit-identical (the in-place round trip restores them only up to
+    rounding).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, mu: float = 1e-3, q: int = 1,
                  optimizer: str = "sgd", lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
-                 params: Iterable | None = None, cut: str | None = None, **unused: Any):
-        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
+                 params: Iterable | None = None, cut: str | None = None):
+        super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut,
+                         betas=betas, eps=eps)
         self.mu = HF.check_scalar(mu, "mu", nonzero=True)
-        self.q = q
+        self.q = _positive_int(q, "q")
         self.optimizer_name = _choice(optimizer, "optimizer", OPTIMIZERS)
         self.optimizer = (None if optimizer == "sgd" else
-                          _torch_optimizer(optimizer, self.parameters(), self.lr, self.weight_decay, betas, eps))
+                          _torch_optimizer(optimizer, self.parameters(), self.lr, self.weight_decay, self.betas,
+                                           self.eps))
 
     def _perturb(self, seed: int, scale: float) -> None:
         generator = torch.Generator(device=self.parameters()[0].device).manual_seed(seed)
@@ -591,7 +672,7 @@ class MeZOUpdater(_Updater):
     def step(self, batch: Any) -> StepResult:
         args, kwargs, targets = _split_batch(batch)
         capture = _CutCapture(self.model, self.cut)
-        snapshot = _BufferSnapshot(self.model)
+        snapshot = _BufferSnapshot([*self.model.buffers(), *self.parameters()])
         seeds = [derive_seed(self.seed, self.steps, j) for j in range(self.q)]
         grads, losses, smashed = [], [], None
         try:
@@ -612,9 +693,9 @@ class MeZOUpdater(_Updater):
         flat = [v for pair in losses for v in pair]
         result = StepResult(loss=sum(flat) / len(flat), smashed=smashed, step=self.steps, seeds=seeds,
                             projected_grads=grads, losses_perturbed=flat)
-        if not all(math.isfinite(v) for v in flat):
+        if not all(math.isfinite(v) for v in flat) or not _finite_in_float32(grads):
             snapshot.restore()
-            result.skipped, result.reason = True, f"non-finite loss {flat}"
+            result.skipped, result.reason = True, f"non-finite loss {flat} or projected gradients {grads}"
             return result
         self._update(seeds, grads)
         self.steps += 1
@@ -645,9 +726,11 @@ class MeZOUpdater(_Updater):
         return {"steps": self.steps, "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
+        steps = _checked_steps(state["steps"])
         if self.optimizer is not None:
+            _check_optimizer_state(self.optimizer, state["optimizer"], self.param_names)
             self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = steps
 
 
 
