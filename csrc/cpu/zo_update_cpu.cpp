@@ -1,4 +1,4 @@
-// Fused ZO updates. Every parameter block of kNormalBlock elements is handled independently: its
+// Fused ZO updates. Every parameter block of at most kNormalBlock elements is handled independently: its
 // combined direction G is built in a stack buffer (q generated blocks, or the low-rank product),
 // the parameter block is loaded as float32, updated, and stored back. Peak extra memory: a few
 // kNormalBlock-float stack buffers per thread in full mode; in low-rank mode also U (rows x rank)
@@ -127,11 +127,12 @@ void update_blocks(const ParamSpec& param, const DirectionSpec& d, Rule rule) {
   if (d.rank > 0) factors = make_factors(param, d);
   const int64_t element_size = param.kind == ScalarKind::kFloat32 ? 4 : 2;
   char* data = static_cast<char*>(param.data);
-  const int64_t blocks = (param.numel + kNormalBlock - 1) / kNormalBlock;
+  // Full directions: blocks cut at the stream's group boundaries (each group generated once).
+  const StreamBlocks blocks{param.numel, d.rank > 0 ? 0 : d.offset};
 #pragma omp parallel for schedule(static) if (param.numel >= kParallelGrain)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t start = b * kNormalBlock;
-    const int64_t count = std::min(kNormalBlock, param.numel - start);
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const int64_t start = blocks.start(b);
+    const int64_t count = blocks.size(b);
     float g[kNormalBlock], p[kNormalBlock];
     if (d.rank > 0) {
       lowrank_direction(d, factors, start, count, g);

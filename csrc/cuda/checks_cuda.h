@@ -57,8 +57,8 @@ inline void check_nonnegative(int64_t value, const char* name) {
 // Counters offset .. offset + numel - 1 stay inside [0, 2**63).
 inline void check_counter(int64_t offset, int64_t numel, const char* name) {
   check_nonnegative(offset, name);
-  TORCH_CHECK(offset <= INT64_MAX - numel, name, " + numel overflows the 63-bit counter range: ", name, "=", offset,
-              ", numel=", numel);
+  TORCH_CHECK(static_cast<uint64_t>(offset) + static_cast<uint64_t>(numel) <= (uint64_t{1} << 63), name,
+              " + numel overflows the 63-bit counter range: ", name, "=", offset, ", numel=", numel);
 }
 
 inline void check_finite(double value, const char* name) {

@@ -1,0 +1,122 @@
+// The AVX-512 lane policy of the CPU generator (normals_simd.h): 16 groups (64 normals) per step.
+// This whole file is compiled for AVX-512F/DQ + FMA and is only called after a run-time CPU check;
+// everything in it but the one exported function has internal linkage, so no code for this
+// instruction set can be shared with (and reached from) the rest of the library.
+#if defined(__x86_64__)
+// No FMA contraction: only the fused operations the algorithm names, as the other policies do.
+#pragma GCC optimize("fp-contract=off")
+#pragma GCC target("avx512f,avx512dq,avx2,fma")
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "cpu/normals_simd.h"
+
+namespace heron {
+namespace cpu {
+namespace {
+
+using namespace simd;  // the contract constants
+
+struct Avx512 {
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static constexpr int64_t kGroups = 16;
+
+  static F set(float v) { return _mm512_set1_ps(v); }
+  static I iset(int32_t v) { return _mm512_set1_epi32(v); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static F to_float(I a) { return _mm512_cvtepi32_ps(a); }
+  static I to_int(F a) { return _mm512_cvttps_epi32(a); }
+  static I bits_of(F a) { return _mm512_castps_si512(a); }
+  static F float_of(I a) { return _mm512_castsi512_ps(a); }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I sub_i(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I bit_and(I a, I b) { return _mm512_and_si512(a, b); }
+  static I bit_or(I a, I b) { return _mm512_or_si512(a, b); }
+  static I bit_xor(I a, I b) { return _mm512_xor_si512(a, b); }
+  static I sra(I a, int n) { return _mm512_srai_epi32(a, static_cast<unsigned>(n)); }
+  static I srl(I a, int n) { return _mm512_srli_epi32(a, static_cast<unsigned>(n)); }
+  static I sll(I a, int n) { return _mm512_slli_epi32(a, static_cast<unsigned>(n)); }
+  static M gt(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
+  static I add_where(M m, I a, I b) { return _mm512_mask_add_epi32(a, m, a, b); }
+  static I sub_where(M m, I a, I b) { return _mm512_mask_sub_epi32(a, m, a, b); }
+  static F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+
+  // Philox4x32-10 on one 32-bit word per 64-bit lane: vpmuludq multiplies the low halves into full
+  // 64-bit products, so hi = product >> 32 and lo = the product itself (its upper half is never
+  // read: the next multiply reads low halves only, and xor keeps low halves independent of upper
+  // ones). No lane shuffles. Two registers of 8 groups, packed to 32-bit lanes at the end.
+  // Lane i of the packed words holds group base + 4 (i % 4) + i / 4, the order `store` undoes.
+  static void philox(uint64_t seed, uint64_t base, I& w0, I& w1, I& w2, I& w3) {
+    const __m512i lanes_a = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13);
+    const __m512i lanes_b = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i round_a = _mm512_set1_epi64(kRoundA);
+    const __m512i round_b = _mm512_set1_epi64(kRoundB);
+    const __m512i start = _mm512_set1_epi64(static_cast<int64_t>(base));
+    __m512i c0a = _mm512_add_epi64(start, lanes_a), c0b = _mm512_add_epi64(start, lanes_b);
+    __m512i c1a = _mm512_srli_epi64(c0a, 32), c1b = _mm512_srli_epi64(c0b, 32);
+    __m512i c2a = _mm512_setzero_si512(), c2b = _mm512_setzero_si512();
+    __m512i c3a = _mm512_setzero_si512(), c3b = _mm512_setzero_si512();
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < kRounds; ++round) {
+      const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
+      const __m512i pba = _mm512_mul_epu32(c2a, round_b), pbb = _mm512_mul_epu32(c2b, round_b);
+      const __m512i paa = _mm512_mul_epu32(c0a, round_a), pab = _mm512_mul_epu32(c0b, round_a);
+      // 0x96: three-way xor.
+      c0a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pba, 32), c1a, key0, 0x96);
+      c0b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pbb, 32), c1b, key0, 0x96);
+      c2a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(paa, 32), c3a, key1, 0x96);
+      c2b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pab, 32), c3b, key1, 0x96);
+      c1a = pba;
+      c1b = pbb;
+      c3a = paa;
+      c3b = pab;
+      k0 += kKeyA;
+      k1 += kKeyB;
+    }
+    w0 = pack(c0a, c0b);
+    w1 = pack(c1a, c1b);
+    w2 = pack(c2a, c2b);
+    w3 = pack(c3a, c3b);
+  }
+
+  // The low halves of two registers of 8 64-bit lanes as one register of 16 32-bit lanes.
+  static I pack(__m512i a, __m512i b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a)), _mm512_cvtepi64_epi32(b), 1);
+  }
+
+  // out[4g + j] = n_j of group g: in 128-bit lane l, position m holds group 4m + l; the two unpack
+  // stages gather lane position m's four normals into 128-bit lane l of register m.
+  static void store(float* out, F n0, F n1, F n2, F n3) {
+    const __m512 t0 = _mm512_unpacklo_ps(n0, n1), t1 = _mm512_unpackhi_ps(n0, n1);
+    const __m512 t2 = _mm512_unpacklo_ps(n2, n3), t3 = _mm512_unpackhi_ps(n2, n3);
+    const __m512d d0 = _mm512_castps_pd(t0), d1 = _mm512_castps_pd(t1);
+    const __m512d d2 = _mm512_castps_pd(t2), d3 = _mm512_castps_pd(t3);
+    _mm512_storeu_ps(out, _mm512_castpd_ps(_mm512_unpacklo_pd(d0, d2)));
+    _mm512_storeu_ps(out + 16, _mm512_castpd_ps(_mm512_unpackhi_pd(d0, d2)));
+    _mm512_storeu_ps(out + 32, _mm512_castpd_ps(_mm512_unpacklo_pd(d1, d3)));
+    _mm512_storeu_ps(out + 48, _mm512_castpd_ps(_mm512_unpackhi_pd(d1, d3)));
+  }
+};
+
+}  // namespace
+
+int64_t normals4_avx512(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
+  return simd::normals4<Avx512>(out, groups, seed, first_group);
+}
+
+}  // namespace cpu
+}  // namespace heron
+
+#endif  // __x86_64__
