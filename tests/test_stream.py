@@ -390,7 +390,8 @@ def test_check_key_returns_ints():
 
 
 class TestStreamVersion:
-    """heron.stream.STREAM_VERSION and the check that refuses data of another version, saying so."""
+    """Checkpoints, seed-and-scalar uploads and Flower messages carry the stream version; data of
+    another version, or without one (written before versions existed), is refused, saying so."""
 
     def test_version_is_two(self):
         from heron.stream import STREAM_VERSION
@@ -409,3 +410,72 @@ class TestStreamVersion:
             check_stream_version(found, "the thing")
         assert issubclass(StreamVersionError, ValueError)
         check_stream_version(2, "the thing")
+
+    @staticmethod
+    def _rewrite_header(path, **changes):
+        import safetensors.torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            header = dict(file.metadata())
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        for key, value in changes.items():
+            header.pop(key, None)
+            if value is not None:
+                header[key] = value
+        safetensors.torch.save_file(tensors, str(path), metadata=header)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     ("1", "perturbation stream version 1")])
+    def test_checkpoint_of_another_version_is_refused(self, tmp_path, version, match):
+        from heron.sfl.checkpoint import STREAM_VERSION_KEY, CheckpointError, load_checkpoint, save_checkpoint
+
+        path = tmp_path / "c.safetensors"
+        save_checkpoint(path, {"w": torch.ones(3)}, {"round": 1})
+        tensors, metadata = load_checkpoint(path)
+        assert metadata == {"round": 1}
+        self._rewrite_header(path, **{STREAM_VERSION_KEY: version})
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     (1, "perturbation stream version 1")])
+    def test_seed_upload_of_another_version_is_refused(self, version, match):
+        from heron.sfl.replay import SeedScalarUpload
+
+        wire = SeedScalarUpload(0, [(0, [5], [0.5])]).to_tensors()
+        assert wire["stream_version"].dtype == torch.int64 and int(wire["stream_version"]) == 2
+        del wire["stream_version"]
+        if version is not None:
+            wire["stream_version"] = torch.tensor(version, dtype=torch.int64)
+        with pytest.raises(ValueError, match=match):
+            SeedScalarUpload.from_tensors(wire)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     (1, "perturbation stream version 1")])
+    def test_flower_messages_of_another_version_are_refused(self, version, match):
+        pytest.importorskip("flwr")
+        from heron.flower import codec
+        from heron.sfl.engine import TrainConfig
+        from heron.sfl.roles import ClientRoundResult, Upload
+
+        state = {"w": torch.zeros(2, 3)}
+        specs = codec.specs_of(state)
+        request = codec.encode_request(TrainConfig(clients=1), 0, state, sync=[codec.ClientSync()])
+        codec.decode_request(request, lambda config: specs)
+        result = ClientRoundResult(0, state, 4, uploads=[Upload(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64))],
+                                   losses=[1.0, 1.0])
+        spec = codec.ReplySpec(round_index=0, client_upload="parameters", clients=1, local_steps=2, upload_every=2,
+                               batch_size=1, max_samples=10, num_classes=2, state=specs,
+                               smashed=codec.TensorSpec((2,), torch.float32))
+        reply = codec.encode_reply(result, 0, start=codec.ClientSync())
+        codec.decode_reply(reply, spec)
+        for content, record in ((request, codec.ROUND), (reply, codec.REPLY)):
+            header = content[record]
+            del header["stream-version"]
+            if version is not None:
+                header["stream-version"] = version
+        with pytest.raises(codec.MessageRejected, match=f"{codec.ROUND}: .*{match}"):
+            codec.decode_request(request, lambda config: specs)
+        with pytest.raises(codec.MessageRejected, match=f"{codec.REPLY}: .*{match}"):
+            codec.decode_reply(reply, spec)

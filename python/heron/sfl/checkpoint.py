@@ -3,7 +3,10 @@
 A checkpoint holds a (possibly nested) dict of tensors, stored flat under "/"-joined keys, and a
 JSON-serialisable metadata dict, stored as one JSON string under the header metadata key "heron".
 A SHA-256 digest of the tensors (names, dtypes, shapes and bytes) is stored beside it, so a
-damaged file is reported as corrupt instead of loading wrong numbers.
+damaged file is reported as corrupt instead of loading wrong numbers, and so is the perturbation
+stream version (heron.stream.STREAM_VERSION): a run's state (ZO optimizer moments, replicas, the
+steps it will replay) is tied to the directions its stream regenerates, so a checkpoint of another
+stream version, or of none (written before versions were recorded), is refused.
 
 `save_checkpoint` writes a temp file in the target's directory, fsyncs it, renames it over the
 target (os.replace is atomic) and fsyncs the directory: a crash at any point leaves either the old
@@ -26,8 +29,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from heron.stream import STREAM_VERSION, StreamVersionError, check_stream_version
+
 METADATA_KEY = "heron"
 DIGEST_KEY = "heron.sha256"
+STREAM_VERSION_KEY = "heron.stream_version"
 SUFFIX = ".safetensors"
 
 
@@ -47,7 +53,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Any], metadat
     """
     path = Path(path)
     flat = flatten_tensors(tensors)
-    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: tensor_digest(flat)}
+    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: tensor_digest(flat),
+              STREAM_VERSION_KEY: str(STREAM_VERSION)}
     _atomic_write(path, safetensors.torch.save(flat, metadata=header))
 
 
@@ -162,7 +169,8 @@ def _fsync_directory(directory: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, *, expected_metadata: Mapping[str, Any] | None = None,
                     expected_shapes: Mapping[str, Any] | None = None,
                     expected_dtypes: Mapping[str, torch.dtype] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(nested dict of CPU tensors, metadata) from a checkpoint written by save_checkpoint.
+    """(nested dict of CPU tensors, metadata) from a checkpoint written by save_checkpoint (with this
+    heron's stream version).
 
     expected_metadata: each of its keys must hold an equal value in the stored metadata (nested
     dicts are compared key by key). expected_shapes: {key: shape}, flat "/"-joined or nested;
@@ -174,6 +182,7 @@ def load_checkpoint(path: str | os.PathLike, *, expected_metadata: Mapping[str, 
         raise CheckpointError(f"checkpoint {path} does not exist")
     flat, header = _read(path)
     metadata = _decode_metadata(path, header)
+    _check_stream_version(path, header)
     _check_digest(path, flat, header)
     if expected_metadata is not None:
         _check_metadata(path, metadata, expected_metadata)
@@ -220,6 +229,14 @@ def _decode_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its {METADATA_KEY!r} metadata is not a JSON object")
     return metadata
+
+
+def _check_stream_version(path: Path, header: Mapping[str, str]) -> None:
+    stored = header.get(STREAM_VERSION_KEY)
+    try:
+        check_stream_version(int(stored) if stored is not None and stored.isdigit() else stored, f"checkpoint {path}")
+    except StreamVersionError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _check_digest(path: Path, flat: Mapping[str, Tensor], header: Mapping[str, str]) -> None:
