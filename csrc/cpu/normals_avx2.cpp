@@ -1,4 +1,5 @@
-// The AVX2 + FMA lane policy of the CPU generator (normals_simd.h): 8 groups (32 normals) per step.
+// The AVX2 + FMA lane policy of the CPU generator (normals_simd.h): 8 groups per vector, 16 groups
+// (64 normals) per step.
 // This whole file is compiled for AVX2 + FMA and is only called after a run-time CPU check;
 // everything in it but the one exported function has internal linkage.
 #if defined(__x86_64__)
@@ -22,7 +23,8 @@ struct Avx2 {
   using F = __m256;
   using I = __m256i;
   using M = __m256i;  // all-ones lanes where true
-  static constexpr int64_t kGroups = 8;
+  static constexpr int64_t kLanes = 8;
+  static constexpr int64_t kGroups = 16;
 
   static F set(float v) { return _mm256_set1_ps(v); }
   static I iset(int32_t v) { return _mm256_set1_epi32(v); }
@@ -30,6 +32,7 @@ struct Avx2 {
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -49,6 +52,9 @@ struct Avx2 {
   static I add_where(M m, I a, I b) { return _mm256_add_epi32(a, _mm256_and_si256(b, m)); }
   static I sub_where(M m, I a, I b) { return _mm256_sub_epi32(a, _mm256_and_si256(b, m)); }
   static F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+  static void split_unit(F u, F& f, F& e) { simd::split_unit_bits<Avx2>(u, f, e); }
+  static M odd(I a) { return _mm256_cmpeq_epi32(_mm256_and_si256(a, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)); }
+  static I xor_and(I a, I b, I c) { return _mm256_xor_si256(a, _mm256_and_si256(b, c)); }
 
   // hi and lo 32-bit halves of a * k per 32-bit lane (k broadcast): even and odd lanes multiplied
   // separately (vpmuludq) and recombined with blends.
@@ -59,34 +65,45 @@ struct Avx2 {
     lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   }
 
-  // Philox4x32-10 words of 8 groups; lane i holds group base + 2 (i % 4) + i / 4 (undone by `store`).
-  static void philox(uint64_t seed, uint64_t base, I& w0, I& w1, I& w2, I& w3) {
+  // Philox4x32-10 words of 16 groups as two independent vectors of 8; lane i of vector v holds group
+  // base + 8 v + 2 (i % 4) + i / 4 (undone by `store`).
+  static void philox(uint64_t seed, uint64_t base, I (&words)[2][4]) {
     const I lanes = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     const I sign = _mm256_set1_epi32(INT32_MIN);
     const I round_a = _mm256_set1_epi32(static_cast<int32_t>(kRoundA));
     const I round_b = _mm256_set1_epi32(static_cast<int32_t>(kRoundB));
-    const I base_lo = _mm256_set1_epi32(static_cast<int32_t>(base));
-    I c0 = _mm256_add_epi32(base_lo, lanes);
-    // Carry into the high word where the low word wrapped (unsigned c0 < base_lo).
-    const I carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, sign), _mm256_xor_si256(c0, sign));
-    I c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(base >> 32)), carry);
-    I c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+    I c0[2], c1[2], c2[2], c3[2];
+    for (int v = 0; v < 2; ++v) {
+      const uint64_t start = base + 8 * static_cast<uint64_t>(v);
+      const I start_lo = _mm256_set1_epi32(static_cast<int32_t>(start));
+      c0[v] = _mm256_add_epi32(start_lo, lanes);
+      // Carry into the high word where the low word wrapped (unsigned c0 < start_lo).
+      const I carry = _mm256_cmpgt_epi32(_mm256_xor_si256(start_lo, sign), _mm256_xor_si256(c0[v], sign));
+      c1[v] = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int32_t>(start >> 32)), carry);
+      c2[v] = _mm256_setzero_si256();
+      c3[v] = _mm256_setzero_si256();
+    }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < kRounds; ++round) {
-      I hi_b, lo_b, hi_a, lo_a;
-      mulhilo(c2, round_b, hi_b, lo_b);
-      mulhilo(c0, round_a, hi_a, lo_a);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int32_t>(k0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int32_t>(k1)));
-      c1 = lo_b;
-      c3 = lo_a;
+      const I key0 = _mm256_set1_epi32(static_cast<int32_t>(k0)), key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+      for (int v = 0; v < 2; ++v) {
+        I hi_b, lo_b, hi_a, lo_a;
+        mulhilo(c2[v], round_b, hi_b, lo_b);
+        mulhilo(c0[v], round_a, hi_a, lo_a);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1[v]), key0);
+        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3[v]), key1);
+        c1[v] = lo_b;
+        c3[v] = lo_a;
+      }
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    w0 = c0;
-    w1 = c1;
-    w2 = c2;
-    w3 = c3;
+    for (int v = 0; v < 2; ++v) {
+      words[v][0] = c0[v];
+      words[v][1] = c1[v];
+      words[v][2] = c2[v];
+      words[v][3] = c3[v];
+    }
   }
 
   // out[4g + j] = n_j of group g (see Avx512::store; here 128-bit lane l, position m holds group 2m + l).

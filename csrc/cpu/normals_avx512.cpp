@@ -1,4 +1,5 @@
-// The AVX-512 lane policy of the CPU generator (normals_simd.h): 16 groups (64 normals) per step.
+// The AVX-512 lane policy of the CPU generator (normals_simd.h): 16 groups per vector, 32 groups
+// (128 normals) per step.
 // This whole file is compiled for AVX-512F/DQ + FMA and is only called after a run-time CPU check;
 // everything in it but the one exported function has internal linkage, so no code for this
 // instruction set can be shared with (and reached from) the rest of the library.
@@ -25,7 +26,8 @@ struct Avx512 {
   using F = __m512;
   using I = __m512i;
   using M = __mmask16;
-  static constexpr int64_t kGroups = 16;
+  static constexpr int64_t kLanes = 16;
+  static constexpr int64_t kGroups = 32;
 
   static F set(float v) { return _mm512_set1_ps(v); }
   static I iset(int32_t v) { return _mm512_set1_epi32(v); }
@@ -33,6 +35,7 @@ struct Avx512 {
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -48,47 +51,58 @@ struct Avx512 {
   static I sra(I a, int n) { return _mm512_srai_epi32(a, static_cast<unsigned>(n)); }
   static I srl(I a, int n) { return _mm512_srli_epi32(a, static_cast<unsigned>(n)); }
   static I sll(I a, int n) { return _mm512_slli_epi32(a, static_cast<unsigned>(n)); }
-  static M gt(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
-  static I add_where(M m, I a, I b) { return _mm512_mask_add_epi32(a, m, a, b); }
-  static I sub_where(M m, I a, I b) { return _mm512_mask_sub_epi32(a, m, a, b); }
   static F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }
+  // split_unit_bits in two instructions: m = getmant(u) in [3/4, 3/2), e = getexp(u) = floor(log2 u),
+  // plus one where m < 1 (u's mantissa was halved).
+  static void split_unit(F u, F& f, F& e) {
+    const F m = _mm512_getmant_ps(u, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+    const F exponent = _mm512_getexp_ps(u);
+    e = _mm512_mask_add_ps(exponent, _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.0f), _CMP_LT_OQ), exponent,
+                           _mm512_set1_ps(1.0f));
+    f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  }
+  static M odd(I a) { return _mm512_test_epi32_mask(a, _mm512_set1_epi32(1)); }
+  static I xor_and(I a, I b, I c) { return _mm512_ternarylogic_epi32(a, b, c, 0x78); }  // a ^ (b & c)
 
   // Philox4x32-10 on one 32-bit word per 64-bit lane: vpmuludq multiplies the low halves into full
   // 64-bit products, so hi = product >> 32 and lo = the product itself (its upper half is never
   // read: the next multiply reads low halves only, and xor keeps low halves independent of upper
-  // ones). No lane shuffles. Two registers of 8 groups, packed to 32-bit lanes at the end.
-  // Lane i of the packed words holds group base + 4 (i % 4) + i / 4, the order `store` undoes.
-  static void philox(uint64_t seed, uint64_t base, I& w0, I& w1, I& w2, I& w3) {
-    const __m512i lanes_a = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13);
-    const __m512i lanes_b = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
+  // ones). No lane shuffles. Four registers of 8 groups (four independent dependency chains),
+  // packed to two vectors of 32-bit lanes at the end. Lane i of vector v holds group
+  // base + 16 v + 4 (i % 4) + i / 4, the order `store` undoes.
+  static void philox(uint64_t seed, uint64_t base, I (&words)[2][4]) {
+    const __m512i lanes_lo = _mm512_setr_epi64(0, 4, 8, 12, 1, 5, 9, 13);
+    const __m512i lanes_hi = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i round_a = _mm512_set1_epi64(kRoundA);
     const __m512i round_b = _mm512_set1_epi64(kRoundB);
-    const __m512i start = _mm512_set1_epi64(static_cast<int64_t>(base));
-    __m512i c0a = _mm512_add_epi64(start, lanes_a), c0b = _mm512_add_epi64(start, lanes_b);
-    __m512i c1a = _mm512_srli_epi64(c0a, 32), c1b = _mm512_srli_epi64(c0b, 32);
-    __m512i c2a = _mm512_setzero_si512(), c2b = _mm512_setzero_si512();
-    __m512i c3a = _mm512_setzero_si512(), c3b = _mm512_setzero_si512();
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int s = 0; s < 4; ++s) {
+      const __m512i start = _mm512_set1_epi64(static_cast<int64_t>(base + 16 * static_cast<uint64_t>(s / 2)));
+      c0[s] = _mm512_add_epi64(start, s % 2 == 0 ? lanes_lo : lanes_hi);
+      c1[s] = _mm512_srli_epi64(c0[s], 32);
+      c2[s] = _mm512_setzero_si512();
+      c3[s] = _mm512_setzero_si512();
+    }
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
     for (int round = 0; round < kRounds; ++round) {
       const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
-      const __m512i pba = _mm512_mul_epu32(c2a, round_b), pbb = _mm512_mul_epu32(c2b, round_b);
-      const __m512i paa = _mm512_mul_epu32(c0a, round_a), pab = _mm512_mul_epu32(c0b, round_a);
-      // 0x96: three-way xor.
-      c0a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pba, 32), c1a, key0, 0x96);
-      c0b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pbb, 32), c1b, key0, 0x96);
-      c2a = _mm512_ternarylogic_epi64(_mm512_srli_epi64(paa, 32), c3a, key1, 0x96);
-      c2b = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pab, 32), c3b, key1, 0x96);
-      c1a = pba;
-      c1b = pbb;
-      c3a = paa;
-      c3b = pab;
+      for (int s = 0; s < 4; ++s) {
+        const __m512i product_b = _mm512_mul_epu32(c2[s], round_b), product_a = _mm512_mul_epu32(c0[s], round_a);
+        // 0x96: three-way xor.
+        c0[s] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(product_b, 32), c1[s], key0, 0x96);
+        c2[s] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(product_a, 32), c3[s], key1, 0x96);
+        c1[s] = product_b;
+        c3[s] = product_a;
+      }
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    w0 = pack(c0a, c0b);
-    w1 = pack(c1a, c1b);
-    w2 = pack(c2a, c2b);
-    w3 = pack(c3a, c3b);
+    for (int v = 0; v < 2; ++v) {
+      words[v][0] = pack(c0[2 * v], c0[2 * v + 1]);
+      words[v][1] = pack(c1[2 * v], c1[2 * v + 1]);
+      words[v][2] = pack(c2[2 * v], c2[2 * v + 1]);
+      words[v][3] = pack(c3[2 * v], c3[2 * v + 1]);
+    }
   }
 
   // The low halves of two registers of 8 64-bit lanes as one register of 16 32-bit lanes.

@@ -41,6 +41,7 @@ struct Scalar {
   using F = float;
   using I = int32_t;
   using M = bool;
+  static constexpr int64_t kLanes = 1;
   static constexpr int64_t kGroups = 1;
 
   static F set(float v) { return v; }
@@ -49,6 +50,7 @@ struct Scalar {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F fma(F a, F b, F c) { return std::fma(a, b, c); }
+  static F fnma(F a, F b, F c) { return std::fma(-a, b, c); }
   static F max(F a, F b) { return a > b ? a : b; }
   static F sqrt(F a) { return std::sqrt(a); }
   static F round(F a) { return std::nearbyint(a); }
@@ -68,13 +70,16 @@ struct Scalar {
   static I add_where(M m, I a, I b) { return m ? add_i(a, b) : a; }
   static I sub_where(M m, I a, I b) { return m ? sub_i(a, b) : a; }
   static F select(M m, F a, F b) { return m ? a : b; }
+  static void split_unit(F u, F& f, F& e) { simd::split_unit_bits<Scalar>(u, f, e); }
+  static M odd(I a) { return (a & 1) != 0; }
+  static I xor_and(I a, I b, I c) { return a ^ (b & c); }
 
-  static void philox(uint64_t seed, uint64_t group, I& w0, I& w1, I& w2, I& w3) {
+  static void philox(uint64_t seed, uint64_t group, I (&words)[1][4]) {
     const philox::Words w = philox::words_at(seed, group);
-    w0 = static_cast<int32_t>(w.w0);
-    w1 = static_cast<int32_t>(w.w1);
-    w2 = static_cast<int32_t>(w.w2);
-    w3 = static_cast<int32_t>(w.w3);
+    words[0][0] = static_cast<int32_t>(w.w0);
+    words[0][1] = static_cast<int32_t>(w.w1);
+    words[0][2] = static_cast<int32_t>(w.w2);
+    words[0][3] = static_cast<int32_t>(w.w3);
   }
 
   static void store(float* out, F n0, F n1, F n2, F n3) {
