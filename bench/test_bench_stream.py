@@ -1,4 +1,5 @@
-"""seeded_randn throughput per backend, side by side with torch.randn on the same device."""
+"""seeded_randn throughput per backend, side by side with torch.randn on the same device: both timed
+in interleaved rounds (bench/timing.py), so drift in the machine's speed falls on both alike."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ import torch
 import heron  # noqa: F401 - registers torch.ops.heron
 from heron import backends
 
-from .timing import sync
+from .timing import median_times
 
 pytestmark = pytest.mark.bench
 
 N = 1 << 24  # 16.8 M normals: large enough to amortise launch and thread start-up
-
-
-def _devices():
-    yield "cpu"
-    if torch.cuda.is_available():
-        yield "cuda"
+ROUNDS = 15
 
 
 def _cases():
-    for device in _devices():
-        for backend in ("torch.randn", *backends.BACKENDS):
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for backend in backends.BACKENDS:
             if backend == "triton" and device == "cpu":
                 continue  # the interpreter is a correctness tool, not a CPU backend
             if backend == "torch" and device == "cpu":
@@ -32,42 +29,21 @@ def _cases():
 
 
 @pytest.mark.parametrize(("device", "backend"), list(_cases()))
-def test_seeded_randn_throughput(benchmark, record, device, backend):
-    if backend != "torch.randn" and backends.unavailable_reason(backend, device):
+def test_seeded_randn_throughput(record, device, backend):
+    if backends.unavailable_reason(backend, device):
         pytest.skip(backends.unavailable_reason(backend, device))
-    out = torch.empty(N, device=device)
-    if backend == "torch.randn":
-        def run():
-            torch.randn(N, out=out)
-            sync(device)
-    else:
-        def run():
-            torch.ops.heron.philox_randn_(out, 1234, 2**33, backend)
-            sync(device)
-    run()
-    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
-    seconds = benchmark.stats.stats.median
-    baseline = _baseline(device)
-    record("stream", device=device, backend=backend, n=N, median_s=seconds, normals_per_s=N / seconds,
-           vs_torch_randn=baseline / seconds if baseline else None)
+    out_torch = torch.empty(N, device=device)
+    out_heron = torch.empty(N, device=device)
 
+    def torch_randn():
+        torch.randn(N, out=out_torch)
 
-_BASELINES: dict[str, float] = {}
+    def heron_randn():
+        torch.ops.heron.philox_randn_(out_heron, 1234, 2**33, backend)
 
-
-def _baseline(device: str) -> float:
-    """Median seconds of torch.randn(N) on `device`, timed once per session."""
-    if device not in _BASELINES:
-        import time
-
-        out = torch.empty(N, device=device)
-        times = []
-        for _ in range(12):
-            sync(device)
-            start = time.perf_counter()
-            torch.randn(N, out=out)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        _BASELINES[device] = sorted(times[2:])[len(times[2:]) // 2]
-    return _BASELINES[device]
-
+    t_torch, t_heron = median_times((torch_randn, heron_randn), device, ROUNDS)
+    threads = torch.get_num_threads() if device == "cpu" else None
+    record("stream", device=device, backend="torch.randn", threads=threads, n=N, median_s=t_torch,
+           normals_per_s=N / t_torch, vs_torch_randn=1.0)
+    record("stream", device=device, backend=backend, threads=threads, n=N, median_s=t_heron,
+           normals_per_s=N / t_heron, vs_torch_randn=t_torch / t_heron)

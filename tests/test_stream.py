@@ -57,14 +57,21 @@ def test_normals_match_reference(device_type, backend, n, seed, offset):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_reference_words_match_triton_at_known_points():
-    """Triton's own tl.randint4x (interpreter or GPU) against the reference, independently of
-    heron_kernels' launchers: a tiny kernel written here."""
+def _triton_here():
+    """(triton, triton.language, device) for kernels written in a test: the GPU, or the CPU through
+    the interpreter; skips the test where neither runs."""
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backends.triton_interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    return triton, tl, device
+
+
+def test_reference_words_match_triton_at_known_points():
+    """Triton's own tl.randint4x (interpreter or GPU) against the reference, independently of
+    heron_kernels' launchers: a tiny kernel written here."""
+    triton, tl, device = _triton_here()
 
     @triton.jit
     def words(out, seed, offset, BLOCK: tl.constexpr):
@@ -100,11 +107,7 @@ RANDN4X_CASES = [
 def _randn4x_interpreted(seed: int, first_group: int, groups: int) -> torch.Tensor:
     """float32 (4 * groups,): [4k + j] = word j of tl.randn4x(seed, first_group + k), computed by
     Triton's own tl.randn4x (through the interpreter on CPU), independently of heron_kernels."""
-    triton = pytest.importorskip("triton")
-    tl = pytest.importorskip("triton.language")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not backends.triton_interpreted():
-        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    triton, tl, device = _triton_here()
 
     @triton.jit
     def randn4x_kernel(out, seed, first, n_groups, BLOCK: tl.constexpr):
