@@ -75,16 +75,21 @@ struct Avx512 {
     const __m512i lanes_hi = _mm512_setr_epi64(2, 6, 10, 14, 3, 7, 11, 15);
     const __m512i round_a = _mm512_set1_epi64(kRoundA);
     const __m512i round_b = _mm512_set1_epi64(kRoundB);
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    // Round 1 with c2 = c3 = 0: c0 = c1 ^ k0, c1 = 0, c2 = hi(A c0) ^ k1, c3 = lo(A c0).
     __m512i c0[4], c1[4], c2[4], c3[4];
     for (int s = 0; s < 4; ++s) {
       const __m512i start = _mm512_set1_epi64(static_cast<int64_t>(base + 16 * static_cast<uint64_t>(s / 2)));
-      c0[s] = _mm512_add_epi64(start, s % 2 == 0 ? lanes_lo : lanes_hi);
-      c1[s] = _mm512_srli_epi64(c0[s], 32);
-      c2[s] = _mm512_setzero_si512();
-      c3[s] = _mm512_setzero_si512();
+      const __m512i counter = _mm512_add_epi64(start, s % 2 == 0 ? lanes_lo : lanes_hi);
+      const __m512i product_a = _mm512_mul_epu32(counter, round_a);
+      c0[s] = _mm512_xor_si512(_mm512_srli_epi64(counter, 32), _mm512_set1_epi64(k0));
+      c1[s] = _mm512_setzero_si512();
+      c2[s] = _mm512_xor_si512(_mm512_srli_epi64(product_a, 32), _mm512_set1_epi64(k1));
+      c3[s] = product_a;
     }
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < kRounds; ++round) {
+    k0 += kKeyA;
+    k1 += kKeyB;
+    for (int round = 1; round < kRounds; ++round) {
       const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
       for (int s = 0; s < 4; ++s) {
         const __m512i product_b = _mm512_mul_epu32(c2[s], round_b), product_a = _mm512_mul_epu32(c0[s], round_a);
@@ -105,9 +110,11 @@ struct Avx512 {
     }
   }
 
-  // The low halves of two registers of 8 64-bit lanes as one register of 16 32-bit lanes.
+  // The low halves of two registers of 8 64-bit lanes as one register of 16 32-bit lanes (a's
+  // first), in one two-source permute.
   static I pack(__m512i a, __m512i b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a)), _mm512_cvtepi64_epi32(b), 1);
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_permutex2var_epi32(a, even, b);
   }
 
   // out[4g + j] = n_j of group g: in 128-bit lane l, position m holds group 4m + l; the two unpack
