@@ -121,8 +121,8 @@ struct Avx2 {
 
 }  // namespace
 
-int64_t normals4_avx2(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
-  return simd::normals4<Avx2>(out, groups, seed, first_group);
+void normals4_avx2(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
+  simd::normals4_all<Avx2>(out, groups, seed, first_group);
 }
 
 }  // namespace cpu

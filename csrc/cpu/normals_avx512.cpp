@@ -133,8 +133,8 @@ struct Avx512 {
 
 }  // namespace
 
-int64_t normals4_avx512(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
-  return simd::normals4<Avx512>(out, groups, seed, first_group);
+void normals4_avx512(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
+  simd::normals4_all<Avx512>(out, groups, seed, first_group);
 }
 
 }  // namespace cpu

@@ -136,12 +136,23 @@ inline int64_t normals4(float* out, int64_t groups, uint64_t seed, uint64_t firs
   return k;
 }
 
+// normals4 for every one of `groups` groups: a last partial step is generated whole into a
+// scratch buffer (the extra groups are just more of the stream) and the needed part copied.
+template <class V>
+inline void normals4_all(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
+  const int64_t done = normals4<V>(out, groups, seed, first_group);
+  if (done == groups) return;
+  alignas(64) float scratch[4 * V::kGroups];
+  normals4<V>(scratch, V::kGroups, seed, first_group + static_cast<uint64_t>(done));
+  __builtin_memcpy(out + 4 * done, scratch, static_cast<size_t>(4 * (groups - done)) * sizeof(float));
+}
+
 }  // namespace simd
 
 // The vector policies' entry points (x86-64 only; call them only where the CPU has the instruction
-// set): simd::normals4 with 16 groups (AVX-512F/DQ + FMA) or 8 groups (AVX2 + FMA) per step.
-int64_t normals4_avx512(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
-int64_t normals4_avx2(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
+// set): simd::normals4_all with 32 groups (AVX-512F/DQ + FMA) or 16 groups (AVX2 + FMA) per step.
+void normals4_avx512(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
+void normals4_avx2(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
 
 }  // namespace cpu
 }  // namespace heron

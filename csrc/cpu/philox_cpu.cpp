@@ -90,11 +90,13 @@ struct Scalar {
   }
 };
 
-// Normals of `groups` whole groups from `first_group`: out[4k + j] = element 4 (first_group + k) + j.
-// The widest implementation runs as far as its step allows, narrower ones finish the rest.
-using GroupsFn = int64_t (*)(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
+// Normals of `groups` whole groups from `first_group`: out[4k + j] = element 4 (first_group + k) + j,
+// by the widest implementation the CPU runs.
+using GroupsFn = void (*)(float* out, int64_t groups, uint64_t seed, uint64_t first_group);
 
-int64_t normals4_none(float*, int64_t, uint64_t, uint64_t) { return 0; }
+void normals4_generic(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
+  simd::normals4_all<Scalar>(out, groups, seed, first_group);
+}
 
 // The widest generator that may run: 0 generic, 1 AVX2 + FMA, 2 AVX-512 (the default where it
 // exists). HERON_CPU_ISA=avx2 or =generic lowers it, so the tests can check the other paths
@@ -106,32 +108,24 @@ int isa_cap() {
   return std::strcmp(cap, "generic") == 0 ? 0 : 2;
 }
 
-struct Generators {
-  GroupsFn wide = normals4_none;    // AVX-512 or nothing
-  GroupsFn narrow = normals4_none;  // AVX2 or nothing
-};
-
-Generators select_generators() {
-  Generators g;
+GroupsFn select_generator() {
   const int max_level = isa_cap();
 #if defined(__x86_64__)
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (max_level >= 2 && avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) {
-    g.wide = normals4_avx512;
+    return normals4_avx512;
   }
-  if (max_level >= 1 && avx2) g.narrow = normals4_avx2;
+  if (max_level >= 1 && avx2) return normals4_avx2;
 #else
   (void)max_level;
 #endif
-  return g;
+  return normals4_generic;
 }
 
 void normals4(float* out, int64_t groups, uint64_t seed, uint64_t first_group) {
-  static const Generators generators = select_generators();
-  int64_t done = generators.wide(out, groups, seed, first_group);
-  done += generators.narrow(out + 4 * done, groups - done, seed, first_group + static_cast<uint64_t>(done));
-  simd::normals4<Scalar>(out + 4 * done, groups - done, seed, first_group + static_cast<uint64_t>(done));
+  static const GroupsFn generator = select_generator();
+  generator(out, groups, seed, first_group);
 }
 
 // Calls block(start, count) over the StreamBlocks of [0, n) (counters offset + i), OpenMP when n
