@@ -62,19 +62,25 @@ void scale_into(float* g, const float* z, float weight, int64_t count, bool accu
   }
 }
 
-// Full mode: g[t] = sum_j grads[j] * randn(seeds[j], offset + start + t), t < count <= kNormalBlock
-// (q = 0: zeros).
-void full_direction(const DirectionSpec& d, int64_t start, int64_t count, float* g) {
+// Full mode: the combined direction is weight * g[t] with the returned weight: for one direction
+// g = randn(seeds[0], offset + start + t) and weight = grads[0] (the update rule applies it, one pass
+// fewer); otherwise g[t] = sum_j grads[j] * randn(seeds[j], ...) and weight 1 (zeros for q = 0).
+// t < count <= kNormalBlock.
+float full_direction(const DirectionSpec& d, int64_t start, int64_t count, float* g) {
   if (d.q == 0) {
     std::fill(g, g + count, 0.0f);
-    return;
+    return 1.0f;
   }
+  const uint64_t first = d.offset + static_cast<uint64_t>(start);
+  randn_block(g, count, static_cast<uint64_t>(d.seeds[0]), first);
+  if (d.q == 1) return d.grads[0];
+  scale_into(g, g, d.grads[0], count, false);
   float z[kNormalBlock];
-  for (int64_t j = 0; j < d.q; ++j) {
-    float* target = j == 0 ? g : z;
-    randn_block(target, count, static_cast<uint64_t>(d.seeds[j]), d.offset + static_cast<uint64_t>(start));
-    scale_into(g, target, d.grads[j], count, j > 0);
+  for (int64_t j = 1; j < d.q; ++j) {
+    randn_block(z, count, static_cast<uint64_t>(d.seeds[j]), first);
+    scale_into(g, z, d.grads[j], count, true);
   }
+  return 1.0f;
 }
 
 // The low-rank factors of all q directions, float32.
@@ -146,9 +152,9 @@ inline void prefetch(const void* ptr, int64_t bytes) {
 // direction takes about as long as fetching a few blocks from DRAM).
 constexpr int64_t kPrefetchBlocks = 2;
 
-// Calls rule(start, count, p, g) per block with p the parameter block as float32 (a float32
-// parameter's own memory; otherwise a converted copy stored back afterwards) and g the combined
-// direction over the block. `moments` (null or two float32 arrays of numel) are prefetched too.
+// Calls rule(start, count, p, g, weight) per block with p the parameter block as float32 (a float32
+// parameter's own memory; otherwise a converted copy stored back afterwards) and weight * g the
+// combined direction over the block. `moments` (null or two float32 arrays of numel) are prefetched too.
 template <typename Rule>
 void update_blocks(const ParamSpec& param, const DirectionSpec& d, float* const (&moments)[2], Rule rule) {
   LowRankFactors factors;
@@ -168,32 +174,34 @@ void update_blocks(const ParamSpec& param, const DirectionSpec& d, float* const 
       for (float* moment : moments) prefetch(moment == nullptr ? nullptr : moment + ahead, ahead_count * 4);
     }
     float g[kNormalBlock], converted[kNormalBlock];
+    float weight = 1.0f;
     if (d.rank > 0) {
       lowrank_direction(d, factors, start, count, g);
     } else {
-      full_direction(d, start, count, g);
+      weight = full_direction(d, start, count, g);
     }
     void* block = data + start * element_size;
     float* p = in_place ? static_cast<float*>(block) : converted;
     if (!in_place) load_as_float(p, block, param.kind, count);
-    rule(start, count, p, g);
+    rule(start, count, p, g, weight);
     if (!in_place) store_from_float(block, param.kind, p, count);
   }
 }
 
-// p = p - lr * (g + weight_decay * p)
+// p = p - lr * (w g + weight_decay * p)
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sgd_rule(float* p, const float* g, int64_t count, float lr, float weight_decay) {
+void sgd_rule(float* p, const float* g, float w, int64_t count, float lr, float weight_decay) {
 #pragma omp simd
-  for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (g[t] + weight_decay * p[t]);
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (w * g[t] + weight_decay * p[t]);
 }
 
-// The Adam / AdamW step of heron.reference.zo_adam_update on one block (m, v updated in place).
+// The Adam / AdamW step of heron.reference.zo_adam_update on one block with gradient w g (m, v
+// updated in place).
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void adam_rule(float* p, float* m, float* v, const float* g_in, int64_t count, const AdamScalars& s) {
+void adam_rule(float* p, float* m, float* v, const float* g_in, float w, int64_t count, const AdamScalars& s) {
 #pragma omp simd
   for (int64_t t = 0; t < count; ++t) {
-    float param = p[t], g = g_in[t];
+    float param = p[t], g = w * g_in[t];
     if (s.decoupled) {
       param = param * s.decay;
     } else {
@@ -207,27 +215,28 @@ void adam_rule(float* p, float* m, float* v, const float* g_in, int64_t count, c
   }
 }
 
+// p = p + w g
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void add_rule(float* p, const float* g, int64_t count) {
+void add_rule(float* p, const float* g, float w, int64_t count) {
 #pragma omp simd
-  for (int64_t t = 0; t < count; ++t) p[t] = p[t] + g[t];
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] + w * g[t];
 }
 
 }  // namespace
 
 void zo_sgd_update(const ParamSpec& param, const DirectionSpec& direction, double lr, double weight_decay) {
   const float lr_f = static_cast<float>(lr), wd_f = static_cast<float>(weight_decay);
-  update_blocks(param, direction, {nullptr, nullptr}, [=](int64_t, int64_t count, float* p, const float* g) {
-    sgd_rule(p, g, count, lr_f, wd_f);
-  });
+  update_blocks(param, direction, {nullptr, nullptr},
+                [=](int64_t, int64_t count, float* p, const float* g, float w) { sgd_rule(p, g, w, count, lr_f, wd_f); });
 }
 
 void zo_adam_update(const ParamSpec& param, float* exp_avg, float* exp_avg_sq, const DirectionSpec& direction,
                     const AdamHyper& hyper) {
   const AdamScalars s = adam_scalars(hyper);
-  update_blocks(param, direction, {exp_avg, exp_avg_sq}, [=, &s](int64_t start, int64_t count, float* p, const float* g) {
-    adam_rule(p, exp_avg + start, exp_avg_sq + start, g, count, s);
-  });
+  update_blocks(param, direction, {exp_avg, exp_avg_sq},
+                [=, &s](int64_t start, int64_t count, float* p, const float* g, float w) {
+                  adam_rule(p, exp_avg + start, exp_avg_sq + start, g, w, count, s);
+                });
 }
 
 void perturb(const ParamSpec& param, uint64_t seed, uint64_t offset, double alpha) {
@@ -235,7 +244,7 @@ void perturb(const ParamSpec& param, uint64_t seed, uint64_t offset, double alph
   const float grads[1] = {static_cast<float>(alpha)};
   const DirectionSpec direction{seeds, grads, 1, offset, 0, 0, 0, 0};
   update_blocks(param, direction, {nullptr, nullptr},
-                [](int64_t, int64_t count, float* p, const float* g) { add_rule(p, g, count); });
+                [](int64_t, int64_t count, float* p, const float* g, float w) { add_rule(p, g, w, count); });
 }
 
 }  // namespace cpu
