@@ -90,7 +90,7 @@ ext_modules, cmdclass = extensions()
 PACKAGES = [f"heron.{p}" for p in find_packages("python/heron")] + ["heron", "heron_kernels", "heron.flower.app"]
 
 setup(
-    package_dir={"heron": "python/heron", "heron_kernels": "heron_kernels"},
+    package_dir={"heron": "python/heron", "heron_kernels": "python/heron_kernels"},
     packages=PACKAGES,
     package_data={"heron.flower.app": ["pyproject.toml"]},
     ext_modules=ext_modules,

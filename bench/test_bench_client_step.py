@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron.configs import build_config, build_updater
-from heron.profile import profile_steps
+from heron.profiling.presets import build_config, build_updater
+from heron.profiling.profile import profile_steps
 
 pytestmark = pytest.mark.bench
 

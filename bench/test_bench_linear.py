@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import heron
-from heron import functional as HF
-from heron.memory import peak_memory
+from heron.kernels import functional as HF
+from heron.profiling.memory import peak_memory
 from tests.helpers import op_available
 
 from .timing import median_times
@@ -73,7 +73,7 @@ def test_perturbed_linear_vs_floor(record, device, backend, shape, dtype, shared
     z = torch.empty(n, k, device=device, dtype=torch.float32)
 
     def generate():  # the direction alone: a lower bound on what the fused op adds to the floor
-        torch.ops.heron.philox_randn_(z, SEED, 0, backend)
+        torch.ops.heron.philox_randn_(out=z, seed=SEED, offset=0, backend=backend)
 
     t_fused, t_floor, t_unfused, t_generate = median_times((fused, floor, unfused, generate), device, rounds)
     out_bytes = 2 * m * n * x.element_size()
@@ -127,8 +127,8 @@ def test_lora_perturbed_linear_vs_floor(record, device, backend, shape, dtype, r
 @pytest.mark.parametrize(("device", "backend", "shape", "dtype"), list(_cases("perturbed_linear")))
 @pytest.mark.parametrize("rank", [4, 8, 16])
 def test_lowrank_perturbed_linear_vs_floor(record, device, backend, shape, dtype, rank):
-    if not op_available(backend, device, "perturbed_linear"):
-        pytest.skip(f"{backend} perturbed_linear not available on {device}")
+    if not op_available(backend, device, "lowrank_perturbed_linear"):
+        pytest.skip(f"{backend} lowrank_perturbed_linear not available on {device}")
     m, k, n = shape
     if device == "cpu" and m * k * n > 2**32:
         pytest.skip("largest CPU shapes covered by the full-weight benchmark")

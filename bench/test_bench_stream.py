@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import heron  # noqa: F401 - registers torch.ops.heron
-from heron import backends
+from heron.kernels import backends
 
 from .timing import median_times
 
@@ -39,7 +39,7 @@ def test_seeded_randn_throughput(record, device, backend):
         torch.randn(N, out=out_torch)
 
     def heron_randn():
-        torch.ops.heron.philox_randn_(out_heron, 1234, 2**33, backend)
+        torch.ops.heron.philox_randn_(out=out_heron, seed=1234, offset=2**33, backend=backend)
 
     t_torch, t_heron = median_times((torch_randn, heron_randn), device, ROUNDS)
     threads = torch.get_num_threads() if device == "cpu" else None

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import heron
-from heron import functional as HF
-from heron.memory import peak_memory
+from heron.kernels import functional as HF
+from heron.profiling.memory import peak_memory
 from tests.helpers import op_available
 
 from .timing import median_times
@@ -56,7 +56,7 @@ def test_update_vs_add(record, device, backend, n, update):
     z = torch.empty(n, device=device)
 
     def generate():
-        torch.ops.heron.philox_randn_(z, 7, 0, backend)
+        torch.ops.heron.philox_randn_(out=z, seed=7, offset=0, backend=backend)
 
     rounds = 10
     t_fused, t_add, t_unfused, t_generate = median_times(

@@ -1,6 +1,6 @@
 """Upload bytes of one HERON-SFL round, client_upload="parameters" vs "seeds".
 
-Runs round 1 of the main job's configuration (heron.cli.MAIN_JOB: 5 clients, 10 local steps,
+Runs round 1 of the main job's configuration (heron.cli.main.MAIN_JOB: 5 clients, 10 local steps,
 smashed data every 2 steps, batch 64, MNIST) for each model and both upload modes, and splits the
 round's bytes_up into the smashed-data part (counted at the main server) and the client-model
 part (the rest: the state, or the seed-and-scalar upload).
@@ -14,9 +14,10 @@ import argparse
 import json
 from dataclasses import asdict, replace
 
-from heron.cli import MAIN_JOB
+from heron.cli.main import MAIN_JOB
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset, split_clients
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 
 
 def one_round(config: TrainConfig, dataset, client_data) -> dict[str, int]:

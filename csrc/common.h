@@ -25,7 +25,7 @@ inline int scalar_kind(const torch::Tensor& t, const char* name) {
 inline void check_key(int64_t seed, int64_t offset, int64_t numel, const char* offset_name = "offset") {
   TORCH_CHECK(seed >= 0, "seed must be non-negative, got ", seed);
   TORCH_CHECK(offset >= 0, offset_name, " must be non-negative, got ", offset);
-  // Counters offset .. offset + numel - 1 must lie below 2**63 (heron.stream.check_key).
+  // Counters offset .. offset + numel - 1 must lie below 2**63 (heron.kernels.stream.check_key).
   TORCH_CHECK(static_cast<uint64_t>(offset) + static_cast<uint64_t>(numel) <= (uint64_t{1} << 63), offset_name,
               " + numel overflows the 63-bit counter range: ", offset_name, "=", offset, ", numel=", numel);
 }

@@ -1,15 +1,19 @@
 """Test-session set-up: without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection.
+torch.compile's cache lives in this checkout: the default one (/tmp/torchinductor_$USER) is shared by
+every checkout on the machine, and its keys do not tell two versions of an op's schema apart.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torchinductor"))
 
 HAS_CUDA = torch.cuda.is_available()
 

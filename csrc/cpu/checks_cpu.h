@@ -48,12 +48,16 @@ inline int64_t checked_product(int64_t a, int64_t b, const char* what) {
   return product;
 }
 
+// The rank of a low-rank direction (the low-rank ops' own; 0 would be the full direction).
+inline void check_lowrank_rank(int64_t rank) {
+  TORCH_CHECK(rank >= 1, "rank must be >= 1 for a low-rank direction, got ", rank);
+}
+
 // The keys of a low-rank direction of an (rows, cols) tensor: U (rows, rank) on (u_seed,
 // u_offset), V (cols, rank) on (seed, v_offset).
 inline void check_lowrank_keys(int64_t rank, int64_t rows, int64_t cols, int64_t seed, int64_t u_seed,
                                int64_t u_offset, int64_t v_offset) {
-  check_non_negative(rank, "rank");
-  if (rank == 0) return;
+  check_lowrank_rank(rank);
   check_non_negative(u_seed, "u_seed");
   check_key(u_seed, u_offset, checked_product(rows, rank, "U's numel"), "u_offset");
   check_key(seed, v_offset, checked_product(cols, rank, "V's numel"), "v_offset");

@@ -5,7 +5,7 @@
 // block's direction is generated, so the memory traffic overlaps the arithmetic. Peak extra memory: a few
 // kNormalBlock-float stack buffers per thread in full mode; in low-rank mode also U (rows x rank)
 // and the q transposed V_j (q x rank x cols) float32, i.e. 4 * rank * (rows + q*cols) bytes.
-// The float math mirrors heron.reference operation by operation (float32, scalars rounded to
+// The float math mirrors heron.kernels.reference operation by operation (float32, scalars rounded to
 // float32 as torch does), so results agree with it up to the generator's last-bit differences.
 #include "cpu/zo_update_cpu.h"
 
@@ -195,7 +195,7 @@ void sgd_rule(float* p, const float* g, float w, int64_t count, float lr, float 
   for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (w * g[t] + weight_decay * p[t]);
 }
 
-// The Adam / AdamW step of heron.reference.zo_adam_update on one block with gradient w g (m, v
+// The Adam / AdamW step of heron.kernels.reference.zo_adam_update on one block with gradient w g (m, v
 // updated in place).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void adam_rule(float* p, float* m, float* v, const float* g_in, float w, int64_t count, const AdamScalars& s) {

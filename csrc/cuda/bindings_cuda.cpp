@@ -1,6 +1,6 @@
 // heron._C functions for CUDA tensors (compiled only when HERON_WITH_CUDA is defined).
 // Signatures follow docs/kernels.md; the checks here are the last line of defence for direct
-// callers of heron._C (heron.functional validates first).
+// callers of heron._C (heron.kernels.functional validates first).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -65,7 +65,8 @@ void check_layer_tensor(const torch::Tensor& t, const char* name, const torch::T
   check_shape(t, name, shape, shape_text);
 }
 
-std::tuple<torch::Tensor, torch::Tensor> perturbed_linear_cuda(
+// The linear kernels in full (rank 0, Z keyed (seed, weight_offset)) or low-rank mode (rank > 0).
+std::tuple<torch::Tensor, torch::Tensor> run_perturbed_linear(
     const torch::Tensor& x_base, const std::optional<torch::Tensor>& x_pert, const torch::Tensor& weight,
     const std::optional<torch::Tensor>& bias, int64_t seed, int64_t weight_offset, int64_t bias_offset, double mu,
     int64_t rank, int64_t u_seed, int64_t u_offset, int64_t v_offset) {
@@ -113,6 +114,22 @@ std::tuple<torch::Tensor, torch::Tensor> perturbed_linear_cuda(
   args.v_offset = static_cast<uint64_t>(v_offset);
   check_cuda(cuda::launch_perturbed_linear(args, current_stream()), "perturbed_linear CUDA launch");
   return {y_base, y_pert};
+}
+
+std::tuple<torch::Tensor, torch::Tensor> perturbed_linear_cuda(
+    const torch::Tensor& x_base, const std::optional<torch::Tensor>& x_pert, const torch::Tensor& weight,
+    const std::optional<torch::Tensor>& bias, int64_t seed, int64_t weight_offset, int64_t bias_offset, double mu) {
+  return run_perturbed_linear(x_base, x_pert, weight, bias, seed, weight_offset, bias_offset, mu, /*rank=*/0,
+                              /*u_seed=*/0, /*u_offset=*/0, /*v_offset=*/0);
+}
+
+std::tuple<torch::Tensor, torch::Tensor> lowrank_perturbed_linear_cuda(
+    const torch::Tensor& x_base, const std::optional<torch::Tensor>& x_pert, const torch::Tensor& weight,
+    const std::optional<torch::Tensor>& bias, int64_t seed, int64_t bias_offset, double mu, int64_t rank,
+    int64_t u_seed, int64_t u_offset, int64_t v_offset) {
+  TORCH_CHECK(rank >= 1, "rank must be >= 1 for a low-rank direction, got ", rank);
+  return run_perturbed_linear(x_base, x_pert, weight, bias, seed, /*weight_offset=*/0, bias_offset, mu, rank, u_seed,
+                              u_offset, v_offset);
 }
 
 std::tuple<torch::Tensor, torch::Tensor> lora_perturbed_linear_cuda(
@@ -219,9 +236,10 @@ void set_directions(cuda::ZoUpdateArgs& args, const torch::Tensor& param, const 
   args.workspace = workspace->data_ptr<float>();
 }
 
-void zo_sgd_update_cuda(torch::Tensor param, const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset,
-                        double lr, double weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
-                        int64_t v_offset) {
+// SGD with full (rank 0) or low-rank directions.
+void run_zo_sgd_update(torch::Tensor param, const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset,
+                       double lr, double weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
+                       int64_t v_offset) {
   const cuda::ScalarKind kind = check_param_and_directions(param, seeds, grads);
   check_finite(lr, "lr");
   check_finite(weight_decay, "weight_decay");
@@ -233,11 +251,25 @@ void zo_sgd_update_cuda(torch::Tensor param, const torch::Tensor& seeds, const t
   check_cuda(cuda::launch_zo_sgd_update(args, lr, weight_decay, current_stream()), "zo_sgd_update CUDA launch");
 }
 
-void zo_adam_update_cuda(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-                         const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset, double lr,
-                         double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                         bool decoupled_weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
-                         int64_t v_offset) {
+void zo_sgd_update_cuda(torch::Tensor param, const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset,
+                        double lr, double weight_decay) {
+  run_zo_sgd_update(param, seeds, grads, offset, lr, weight_decay, /*rank=*/0, /*u_seed=*/0, /*u_offset=*/0,
+                    /*v_offset=*/0);
+}
+
+void lowrank_zo_sgd_update_cuda(torch::Tensor param, const torch::Tensor& seeds, const torch::Tensor& grads,
+                                double lr, double weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
+                                int64_t v_offset) {
+  TORCH_CHECK(rank >= 1, "rank must be >= 1 for a low-rank direction, got ", rank);
+  run_zo_sgd_update(param, seeds, grads, /*offset=*/0, lr, weight_decay, rank, u_seed, u_offset, v_offset);
+}
+
+// Adam / AdamW with full (rank 0) or low-rank directions.
+void run_zo_adam_update(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                        const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset, double lr,
+                        double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                        bool decoupled_weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
+                        int64_t v_offset) {
   const cuda::ScalarKind kind = check_param_and_directions(param, seeds, grads);
   const auto check_moment = [&param](const torch::Tensor& moment, const char* name) {
     check_tensor(moment, name, c10::DeviceType::CUDA);
@@ -274,6 +306,24 @@ void zo_adam_update_cuda(torch::Tensor param, torch::Tensor exp_avg, torch::Tens
              "zo_adam_update CUDA launch");
 }
 
+void zo_adam_update_cuda(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                         const torch::Tensor& seeds, const torch::Tensor& grads, int64_t offset, double lr,
+                         double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                         bool decoupled_weight_decay) {
+  run_zo_adam_update(param, exp_avg, exp_avg_sq, seeds, grads, offset, lr, beta1, beta2, eps, weight_decay, step,
+                     decoupled_weight_decay, /*rank=*/0, /*u_seed=*/0, /*u_offset=*/0, /*v_offset=*/0);
+}
+
+void lowrank_zo_adam_update_cuda(torch::Tensor param, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+                                 const torch::Tensor& seeds, const torch::Tensor& grads, double lr, double beta1,
+                                 double beta2, double eps, double weight_decay, int64_t step,
+                                 bool decoupled_weight_decay, int64_t rank, int64_t u_seed, int64_t u_offset,
+                                 int64_t v_offset) {
+  TORCH_CHECK(rank >= 1, "rank must be >= 1 for a low-rank direction, got ", rank);
+  run_zo_adam_update(param, exp_avg, exp_avg_sq, seeds, grads, /*offset=*/0, lr, beta1, beta2, eps, weight_decay,
+                     step, decoupled_weight_decay, rank, u_seed, u_offset, v_offset);
+}
+
 void perturb_cuda(torch::Tensor param, int64_t seed, int64_t offset, double alpha) {
   check_tensor(param, "param", c10::DeviceType::CUDA);
   const cuda::ScalarKind kind = kind_of(param, "param");
@@ -290,13 +340,16 @@ void perturb_cuda(torch::Tensor param, int64_t seed, int64_t offset, double alph
 
 void bind_cuda(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("philox_randn_cuda", &philox_randn_cuda, py::arg("out"), py::arg("seed"), py::arg("offset"));
-  m.def("philox_words_cuda", &philox_words_cuda, py::arg("out"), py::arg("seed"), py::arg("offset"));
+  m.def("philox_randn_cuda", &philox_randn_cuda, py::arg("out"), py::kw_only(), py::arg("seed"), py::arg("offset"));
+  m.def("philox_words_cuda", &philox_words_cuda, py::arg("out"), py::kw_only(), py::arg("seed"), py::arg("offset"));
   m.def("perturbed_linear_cuda", &perturbed_linear_cuda,
-        "(y_base, y_pert) = (x_base @ W.T + b, x_pert @ (W + mu Z).T + b + mu z_b); Z full or low-rank",
-        py::arg("x_base"), py::arg("x_pert"), py::arg("weight"), py::arg("bias"), py::kw_only(), py::arg("seed"),
-        py::arg("weight_offset"), py::arg("bias_offset"), py::arg("mu"), py::arg("rank") = 0, py::arg("u_seed") = 0,
-        py::arg("u_offset") = 0, py::arg("v_offset") = 0);
+        "(y_base, y_pert) = (x_base @ W.T + b, x_pert @ (W + mu Z).T + b + mu z_b)", py::arg("x_base"),
+        py::arg("x_pert"), py::arg("weight"), py::arg("bias"), py::kw_only(), py::arg("seed"),
+        py::arg("weight_offset"), py::arg("bias_offset"), py::arg("mu"));
+  m.def("lowrank_perturbed_linear_cuda", &lowrank_perturbed_linear_cuda,
+        "perturbed_linear_cuda with Z = U V^T / sqrt(rank)", py::arg("x_base"), py::arg("x_pert"), py::arg("weight"),
+        py::arg("bias"), py::kw_only(), py::arg("seed"), py::arg("bias_offset"), py::arg("mu"), py::arg("rank"),
+        py::arg("u_seed"), py::arg("u_offset"), py::arg("v_offset"));
   m.def("lora_perturbed_linear_cuda", &lora_perturbed_linear_cuda,
         "(y_base, y_pert) of a frozen linear layer with LoRA adapters A, B perturbed by Z_A, Z_B",
         py::arg("x_base"), py::arg("x_pert"), py::arg("weight"), py::arg("bias"), py::arg("lora_a"),
@@ -304,16 +357,24 @@ void bind_cuda(pybind11::module_& m) {
         py::arg("b_offset"), py::arg("mu"));
   m.def("zo_sgd_update_cuda", &zo_sgd_update_cuda,
         "In place: param -= lr * (sum_j grads[j] z_j + weight_decay * param)", py::arg("param"), py::arg("seeds"),
-        py::arg("grads"), py::kw_only(), py::arg("offset"), py::arg("lr"), py::arg("weight_decay"),
-        py::arg("rank") = 0, py::arg("u_seed") = 0, py::arg("u_offset") = 0, py::arg("v_offset") = 0);
+        py::arg("grads"), py::kw_only(), py::arg("offset"), py::arg("lr"), py::arg("weight_decay"));
+  m.def("lowrank_zo_sgd_update_cuda", &lowrank_zo_sgd_update_cuda,
+        "In place: zo_sgd_update of a 2-D param with z_j = U V_j^T / sqrt(rank)", py::arg("param"),
+        py::arg("seeds"), py::arg("grads"), py::kw_only(), py::arg("lr"), py::arg("weight_decay"), py::arg("rank"),
+        py::arg("u_seed"), py::arg("u_offset"), py::arg("v_offset"));
   m.def("zo_adam_update_cuda", &zo_adam_update_cuda,
         "In place Adam / AdamW step on param, exp_avg, exp_avg_sq with gradient sum_j grads[j] z_j",
         py::arg("param"), py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("seeds"), py::arg("grads"),
         py::kw_only(), py::arg("offset"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-        py::arg("weight_decay"), py::arg("step"), py::arg("decoupled_weight_decay"), py::arg("rank") = 0,
-        py::arg("u_seed") = 0, py::arg("u_offset") = 0, py::arg("v_offset") = 0);
+        py::arg("weight_decay"), py::arg("step"), py::arg("decoupled_weight_decay"));
+  m.def("lowrank_zo_adam_update_cuda", &lowrank_zo_adam_update_cuda,
+        "In place: zo_adam_update of a 2-D param with z_j = U V_j^T / sqrt(rank)", py::arg("param"),
+        py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("seeds"), py::arg("grads"), py::kw_only(), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
+        py::arg("decoupled_weight_decay"), py::arg("rank"), py::arg("u_seed"), py::arg("u_offset"),
+        py::arg("v_offset"));
   m.def("perturb_cuda", &perturb_cuda, "In place: param += alpha * z, z keyed (seed, offset)", py::arg("param"),
-        py::arg("seed"), py::arg("offset"), py::arg("alpha"));
+        py::kw_only(), py::arg("seed"), py::arg("offset"), py::arg("alpha"));
 }
 
 }  // namespace heron

@@ -1,5 +1,5 @@
 import sys
 
-from heron.cli import main
+from heron.cli.main import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict  # noqa: E402
 
 from heron.flower import codec  # noqa: E402
 from heron.flower.codec import ClientSync, MessageRejected, ReplySpec, TensorSpec  # noqa: E402
-from heron.sfl.engine import TrainConfig  # noqa: E402
+from heron.sfl.config import TrainConfig  # noqa: E402
 from heron.sfl.replay import SeedScalarUpload  # noqa: E402
 from heron.sfl.roles import ClientRoundResult, Upload  # noqa: E402
 

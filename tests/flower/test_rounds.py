@@ -3,7 +3,7 @@ with the engine for every supported method, and every way a client can drop out 
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import math
 
@@ -13,73 +13,22 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Array, Context, Error, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Array, Context, RecordDict  # noqa: E402
 
 from heron.flower import server_app  # noqa: E402
 from heron.flower.client import BASE, load_updater_state, run_client_round, save_updater_state  # noqa: E402
 from heron.flower.client_app import make_client_app  # noqa: E402
 from heron.flower.codec import ClientSync, encode_request  # noqa: E402
 from heron.flower.config import FlowerSettings  # noqa: E402
-from heron.flower.server import SplitServer  # noqa: E402
 from heron.flower.server_app import run_rounds  # noqa: E402
-from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
-
-CONFIG = TrainConfig(method="heron", model="cnn", dataset="digits", clients=3, rounds=2, local_steps=2,
-                     upload_every=1, batch_size=8)
-SEEDS = TrainConfig(**{**CONFIG.__dict__, "client_upload": "seeds"})
-
-
-class InProcessGrid:
-    """A Grid stand-in: node 100 + i is client i of `partitions`; messages run through the ClientApp right here.
-
-    Like Flower, a node's context is only updated by a call that returns; a raising ClientApp
-    becomes an error reply. silent: nodes that never answer (a timeout); tamper(node, reply):
-    rewrites a node's reply before the server sees it, or returns None to lose it (the node ran the
-    round and kept its context, the server never hears of it).
-    """
-
-    def __init__(self, app, nodes: int, *, partitions: int | None = None, silent=(), tamper=None):
-        self.app, self.silent, self.tamper = app, set(silent), tamper
-        node_config = {"num-partitions": partitions or nodes}
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config={},
-                                          node_config={**node_config, "partition-id": i})
-                         for i in range(nodes)}
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            if node in self.silent:
-                continue
-            context = copy.deepcopy(self.contexts[node])
-            try:
-                reply = self.app(message, context)
-                self.contexts[node] = context
-            except Exception as error:  # noqa: BLE001 - what Flower's runtime does with a raising ClientApp
-                reply = Message(Error(code=2, reason=f"{type(error).__name__}: {error}"), reply_to=message)
-            reply = self.tamper(node, reply) if self.tamper else reply
-            if reply is not None:
-                replies.append(reply)
-        return replies
-
-
-def _set_task_identity(monkeypatch) -> None:
-    """Messages read the run and node ids of the current task, which Flower's runtime sets."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+from heron.sfl.config import TrainConfig  # noqa: E402
+from heron.sfl.engine import Experiment  # noqa: E402
+from tests.flower.inprocess import CONFIG, SEEDS, InProcessGrid, equal_states, set_task_identity  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
-    _set_task_identity(monkeypatch)
-
-
-def _equal_states(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    set_task_identity(monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["heron", "cse-fsl", "mezo"])
@@ -88,8 +37,8 @@ def test_flower_rounds_equal_the_engine(method):
     run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
     engine = Experiment(config)
     engine.run()
-    assert _equal_states(run.client_state, engine.client_parameters())
-    assert _equal_states(run.server_state, engine.server_model.state_dict())
+    assert equal_states(run.client_state, engine.client_parameters())
+    assert equal_states(run.server_state, engine.server_model.state_dict())
     for got, want in zip(run.report.rounds, engine.history, strict=True):
         assert {**got.__dict__, "seconds": 0} == {**want.__dict__, "seconds": 0}
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
@@ -105,8 +54,8 @@ def test_flower_lowrank_rounds_equal_the_engine(upload, schedule):
     run = run_rounds(InProcessGrid(make_client_app(), config.clients), config, FlowerSettings())
     engine = Experiment(config)
     engine.run()
-    assert _equal_states(run.client_state, engine.client_parameters())
-    assert _equal_states(run.server_state, engine.server_model.state_dict())
+    assert equal_states(run.client_state, engine.client_parameters())
+    assert equal_states(run.server_state, engine.server_model.state_dict())
 
 
 def _nan_weights(node, reply):
@@ -117,21 +66,54 @@ def _nan_weights(node, reply):
     return reply
 
 
+def _left_out(outcome) -> list[tuple[int | None, int | None, str]]:
+    return [(entry.client_id, entry.node_id, entry.reason) for entry in outcome.left_out]
+
+
 def test_failed_silent_and_malformed_clients_are_left_out(caplog):
+    """Nodes 101-103 never deliver a usable reply, so the server never learns which clients they are:
+    each of them is left out by node, and each client the round misses by client."""
     config = TrainConfig(**{**CONFIG.__dict__, "clients": 4})
     grid = InProcessGrid(make_client_app(fail_clients={1}), config.clients, silent={103}, tamper=_nan_weights)
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, config, FlowerSettings(round_timeout=5.0))
     for outcome in run.outcomes:
         assert outcome.aggregated == [0]
-        reasons = {entry.node_id: entry.reason for entry in outcome.left_out}
-        assert "InjectedFailure: client 1: failure injected" in reasons[101]
-        assert "heron.model/0.0.weight: contains NaN or infinite values" in reasons[102]
-        assert reasons[103] == "no reply within round_timeout=5.0 s"
+        (c1, r1), (c2, r2), (c3, r3), (n1, f1), (n2, f2), (n3, f3) = [(e[0], e[2]) if e[0] is not None
+                                                                       else (e[1], e[2]) for e in _left_out(outcome)]
+        unidentified = "(nodes left out this round before identifying their client: 101, 102, 103)"
+        assert (c1, c2, c3) == (1, 2, 3) and r1 == r2 == r3 == f"no reply as this client {unidentified}"
+        assert (n1, n2, n3) == (101, 102, 103)
+        assert f1.startswith("client failed (error code 2): InjectedFailure: client 1: failure injected")
+        assert "heron.model/0.0.weight: contains NaN or infinite values" in f2
+        assert f3 == "no reply within round_timeout=5.0 s"
     assert "round 2: node 101 left out: client failed (error code 2): InjectedFailure" in caplog.text
     assert len(run.report.rounds) == 2 and all(bool(torch.isfinite(v).all()) for v in run.client_state.values())
     model_bytes = sum(v.numel() * v.element_size() for v in run.client_state.values())
     assert run.report.rounds[0].bytes_down == 4 * model_bytes  # sent to every node
+
+
+def test_a_node_flower_reports_unavailable_is_left_out_once_as_its_client(caplog):
+    """Node 102 (client 2) stops after round 1: Flower's SuperLink answers for it with an error reply
+    sent from the SuperLink's own node id. Client 2 is left out once, by its node, with Flower's reason."""
+    grid = InProcessGrid(make_client_app(), 3)
+    with caplog.at_level(logging.WARNING, logger="heron.flower"):
+        run = run_rounds(grid, CONFIG, FlowerSettings(round_timeout=5.0), on_round=lambda _: grid.dead.add(102))
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1]]
+    ((client, node, reason),) = _left_out(run.outcomes[1])
+    assert (client, node) == (2, 102)
+    assert reason.startswith("node unavailable (Flower error code ") and "Node Unavailable" in reason
+    assert "node 1 " not in caplog.text
+
+
+def test_a_client_without_a_node_is_left_out_every_round():
+    """Client 2's node 102 goes away after round 1 (it is no longer listed as connected)."""
+    grid = InProcessGrid(make_client_app(), 3)
+    run = run_rounds(grid, TrainConfig(**{**CONFIG.__dict__, "rounds": 3}), FlowerSettings(node_wait=0.0),
+                     on_round=lambda _: grid.contexts.pop(102, None))
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1], [0, 1]]
+    for outcome in run.outcomes[1:]:
+        assert _left_out(outcome) == [(2, 102, "its node 102 is not connected")]
 
 
 def test_a_round_without_valid_replies_keeps_the_model(caplog):
@@ -140,8 +122,10 @@ def test_a_round_without_valid_replies_keeps_the_model(caplog):
     grid = InProcessGrid(make_client_app(fail_clients={0, 1, 2}), config.clients)
     with caplog.at_level(logging.WARNING, logger="heron.flower"):
         run = run_rounds(grid, config, FlowerSettings())
-    assert _equal_states(run.client_state, initial)
-    assert run.outcomes[0].aggregated == [] and len(run.outcomes[0].left_out) == 3
+    assert equal_states(run.client_state, initial)
+    assert run.outcomes[0].aggregated == []
+    assert [(e.client_id, e.node_id) for e in run.outcomes[0].left_out] == [
+        (0, None), (1, None), (2, None), (None, 100), (None, 101), (None, 102)]
     assert run.report.rounds[0].server_loss is None and run.report.rounds[0].bytes_up == 0
     assert "round 1: no valid client replies; the global client model is kept" in caplog.text
 
@@ -155,8 +139,9 @@ def test_a_node_cannot_speak_for_another_client():
     run = run_rounds(InProcessGrid(make_client_app(), 3, tamper=impersonate), CONFIG, FlowerSettings())
     for outcome in run.outcomes:
         assert outcome.aggregated == [0, 1]
-        (entry,) = outcome.left_out
-        assert entry.node_id == 102 and "client 0 is node 100; node 102 replied as client 0 too" in entry.reason
+        assert _left_out(outcome) == [
+            (2, None, "no reply as this client (nodes left out this round before identifying their client: 102)"),
+            (None, 102, "reply rejected: client 0 is node 100; node 102 replied as client 0 too")]
 
 
 def test_client_state_survives_in_the_context_only():
@@ -198,6 +183,7 @@ def test_missing_nodes_do_not_stop_the_run(caplog):
         run = run_rounds(InProcessGrid(make_client_app(), 2, partitions=3), CONFIG, FlowerSettings(node_wait=0.0))
     assert [o.aggregated for o in run.outcomes] == [[0, 1], [0, 1]]
     assert "round 1: only 2 of 3 nodes connected; running with them" in caplog.text
+    assert [_left_out(o) for o in run.outcomes] == [[(2, None, "no reply as this client")]] * 2
 
 
 class RestartingGrid(InProcessGrid):
@@ -218,6 +204,23 @@ def test_a_restarted_node_takes_over_its_client():
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
 
 
+def test_a_restarted_node_takes_over_while_flower_still_lists_the_old_one():
+    """SuperNode 102 (client 2) is killed after round 1 and restarted as node 200; the SuperLink still
+    lists 102 until its heartbeat expires and answers for it with "node unavailable". Node 200 takes
+    client 2 over in round 2: the old node no longer answers itself."""
+    grid = InProcessGrid(make_client_app(), 3)
+
+    def restart(_):
+        grid.dead.add(102)
+        grid.contexts[200] = Context(run_id=1, node_id=200, state=RecordDict(), run_config={},
+                                     node_config=grid.contexts[102].node_config)
+
+    run = run_rounds(grid, CONFIG, FlowerSettings(), on_round=restart)
+    assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
+    ((client, node, reason),) = _left_out(run.outcomes[1])
+    assert (client, node) == (None, 102) and reason.startswith("node unavailable")
+
+
 # -- seed-and-scalar uploads ----------------------------------------------------------------------------
 
 def _record(record, **zeroed):
@@ -232,8 +235,8 @@ def test_seeds_run_equals_the_engine_in_both_upload_modes():
     engine_seeds.run()
     engine_parameters.run()
     for engine in (engine_seeds, engine_parameters):
-        assert _equal_states(run.client_state, engine.client_parameters())
-        assert _equal_states(run.server_state, engine.server_model.state_dict())
+        assert equal_states(run.client_state, engine.client_parameters())
+        assert equal_states(run.server_state, engine.server_model.state_dict())
     for got, seeds, parameters in zip(run.report.rounds, engine_seeds.history, engine_parameters.history,
                                       strict=True):
         assert _record(got) == _record(seeds)
@@ -241,20 +244,6 @@ def test_seeds_run_equals_the_engine_in_both_upload_modes():
         assert got.bytes_up < parameters.bytes_up
     assert [o.aggregated for o in run.outcomes] == [[0, 1, 2], [0, 1, 2]]
     assert not any(o.left_out for o in run.outcomes)
-
-
-@pytest.fixture
-def servers(monkeypatch):
-    """The SplitServer of each run_rounds call (to look at its replicas and step counts)."""
-    made = []
-
-    class Recorded(SplitServer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(server_app, "SplitServer", Recorded)
-    return made
 
 
 def _drop_first_reply_of(node: int, how: str):
@@ -288,13 +277,13 @@ def _updater_states_equal(a, b) -> bool:
 def parameters_run_losing_client_1():
     """A parameters run in which client 1's round-1 reply is lost."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        _set_task_identity(monkeypatch)
+        set_task_identity(monkeypatch)
         grid = InProcessGrid(make_client_app(), 3, tamper=_drop_first_reply_of(101, "lost"))
         return run_rounds(grid, CONFIG, FlowerSettings())
 
 
 @pytest.mark.parametrize(("how", "reason"), [
-    ("lost", "no reply within round_timeout=0.0 s"),
+    ("lost", "no reply within round_timeout="),
     ("malformed", "reply rejected: heron.seeds/projected_grads: contains NaN or infinite values"),
     ("unreplayable", "reply rejected: heron.seeds: step 0 of client 1 has seeds"),
 ])
@@ -308,8 +297,8 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
         run = run_rounds(grid, SEEDS, FlowerSettings())
     (server,) = servers
     assert [o.aggregated for o in run.outcomes] == [[0, 2], [0, 1, 2]]
-    (entry,) = run.outcomes[0].left_out
-    assert entry.node_id == 101 and reason in entry.reason
+    (node_entry,) = [entry for entry in run.outcomes[0].left_out if entry.node_id == 101]
+    assert reason in node_entry.reason and 1 in {entry.client_id for entry in run.outcomes[0].left_out}
     assert "client 1: the server did not use its last round (reply lost, late or rejected); undoing it: back " \
            "from step 2 to step 0" in caplog.text
     assert server.sync == [ClientSync(0, 4), ClientSync(0, 2), ClientSync(0, 4)]
@@ -319,8 +308,8 @@ def test_a_dropped_seeds_reply_is_undone_on_the_client(how, reason, parameters_r
 
     reference = parameters_run_losing_client_1
     assert [o.aggregated for o in reference.outcomes] == [[0, 2], [0, 1, 2]]
-    assert _equal_states(run.client_state, reference.client_state)
-    assert _equal_states(run.server_state, reference.server_state)
+    assert equal_states(run.client_state, reference.client_state)
+    assert equal_states(run.server_state, reference.server_state)
     for got, want in zip(run.report.rounds, reference.report.rounds, strict=True):
         assert _record(got, bytes_up=0) == _record(want, bytes_up=0) and got.bytes_up < want.bytes_up
 
@@ -384,3 +373,56 @@ def test_a_client_out_of_step_with_the_server_refuses_the_round():
                                          r"1 of generation 0, this node's saved updater states of that generation "
                                          r"are at steps \[2, 0\]"):
         run_client_round(encode_request(SEEDS, 1, broadcast, sync=sync), state, client_id=1)
+
+
+# -- a failed run -----------------------------------------------------------------------------------------
+
+def _serve(app, grid, run_config=None):
+    app(grid, Context(run_id=1, node_id=0, state=RecordDict(), run_config=run_config or {}, node_config={}))
+
+
+def test_a_run_that_fails_midway_says_so_in_its_report(tmp_path, capsys):
+    """Every node is gone after round 1: the ServerApp fails in round 2, and still writes the report of
+    round 1 with status "failed" and the error; it prints the failure (which `flwr log` shows)."""
+    path = tmp_path / "report.json"
+    grid = InProcessGrid(make_client_app(), 3)
+    app = server_app.make_server_app(CONFIG, FlowerSettings(node_wait=0.0, report=str(path)))
+    with pytest.raises(RuntimeError, match="round 2: no node connected"):
+        _serve(app, _vanishing(grid))
+    report = json.loads(path.read_text())
+    assert report["status"] == "failed" and "round 2: no node connected" in report["error"]
+    assert [r["round"] for r in report["methods"]["heron"]["rounds"]] == [1]
+    assert report["flower"]["heron"]["status"] == "failed"
+    assert "heron: the run FAILED: RuntimeError: round 2: no node connected" in capsys.readouterr().out
+
+
+def test_a_run_refused_at_the_start_says_so_in_its_report(tmp_path):
+    path = tmp_path / "report.json"
+    with pytest.raises(ValueError, match="method 'sflv1' is not supported"):
+        _serve(server_app.make_server_app(), InProcessGrid(make_client_app(), 3),
+               {"method": "sflv1", "report": str(path)})
+    report = json.loads(path.read_text())
+    assert report["status"] == "failed" and "method 'sflv1' is not supported" in report["error"]
+    assert report["run_config"] == {"method": "sflv1", "report": str(path)}
+
+
+def test_a_finished_run_says_so_in_its_report(tmp_path):
+    path = tmp_path / "report.json"
+    config = TrainConfig(**{**CONFIG.__dict__, "rounds": 1})
+    _serve(server_app.make_server_app(config, FlowerSettings(report=str(path))), InProcessGrid(make_client_app(), 3))
+    report = json.loads(path.read_text())
+    assert report["status"] == "completed" and "error" not in report
+    assert report["flower"]["heron"]["status"] == "completed"
+
+
+def _vanishing(grid):
+    """`grid`, whose nodes all disconnect after the first round."""
+    send = grid.send_and_receive
+
+    def send_and_receive(messages, *, timeout=None):
+        replies = send(messages, timeout=timeout)
+        grid.contexts.clear()
+        return replies
+
+    grid.send_and_receive = send_and_receive
+    return grid

@@ -13,7 +13,8 @@ pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
 from heron.flower.simulation import simulate  # noqa: E402
-from heron.sfl.engine import Experiment, TrainConfig  # noqa: E402
+from heron.sfl.config import TrainConfig  # noqa: E402
+from heron.sfl.engine import Experiment  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,9 @@ def test_failing_client_is_left_out_and_the_run_completes(run_with_failing_clien
     assert len(run.report.rounds) == CONFIG.rounds
     for outcome in run.outcomes:
         assert outcome.aggregated == [0, 2]
-        (entry,) = outcome.left_out
-        assert "client failed" in entry.reason and "failure injected" in entry.reason
+        client_entry, node_entry = outcome.left_out  # the node never identified itself: by client and by node
+        assert client_entry.client_id == 1 and client_entry.reason.startswith("no reply as this client")
+        assert node_entry.client_id is None and str(node_entry.node_id) in client_entry.reason
+        assert "client failed" in node_entry.reason and "failure injected" in node_entry.reason
     assert all(bool(torch.isfinite(v).all()) for v in run.client_state.values())
     assert run.report.rounds[-1].server_loss is not None

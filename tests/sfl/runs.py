@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heron.sfl.engine import Experiment, MethodReport, TrainConfig
+from heron.sfl.config import TrainConfig
+from heron.sfl.engine import Experiment
+from heron.sfl.records import MethodReport
 
 
 def run_parameters(experiment: Experiment) -> dict[str, torch.Tensor]:

@@ -15,8 +15,9 @@ from torch import nn
 
 from heron.models import cnn_split
 from heron.sfl import checkpoint as ckpt
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 from heron.sfl.replay import (
     ClientReplica,
     SeedScalarUpload,
@@ -26,8 +27,9 @@ from heron.sfl.replay import (
     state_keys,
 )
 from heron.sfl.roles import Client, ClientBatches, state_bytes
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
+from tests.zo.test_updaters import resnet_stem
 
 SMALL = TrainConfig(model="cnn", dataset="digits", clients=3, rounds=2, local_steps=3, batch_size=32, seed=0)
 
@@ -57,16 +59,21 @@ VARIANTS += [dict(optimizer="adam", q=2, direction="sphere"),
              dict(optimizer="sgd", q=1, perturbation="lowrank", rank=2, lazy_steps=3, weight_decay=0.01)]
 
 
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
+@pytest.mark.parametrize("make_model", [bn_net, resnet_stem])
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
-def test_apply_replays_step_bit_exactly(kwargs):
-    """The client's steps (one skipped for a NaN loss) replayed by `apply` on a copy of the initial
-    model: identical parameters, optimizer moments and step count."""
-    model = bn_net()
+def test_apply_replays_step_bit_exactly(kwargs, make_model, schedule):
+    """The one replay test: the client's steps (one skipped for a NaN loss), whatever its schedule, replayed
+    by `apply` on a copy of the initial model: identical parameters, optimizer moments and step count.
+    Models: conv-bn-relu-linear, and a conv-bn-relu-conv-bn stem whose second conv the executor computes
+    in place in batch chunks; directions full, on the sphere and low-rank (a lazy subspace on the convs)."""
+    model = make_model()
     copy_ = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 2, 5, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
     q = kwargs["q"]
-    client = ZOUpdater(model, nan_on_calls(2 * q + 1), mu=1e-3, lr=0.01, seed=7, **kwargs)  # step 2 is NaN
+    client = ZOUpdater(model, nan_on_calls(2 * q + 1), mu=1e-3, lr=0.01, seed=7, schedule=schedule,
+                       **kwargs)  # step 2 is NaN
     replayer = ZOUpdater(copy_, nn.functional.cross_entropy, mu=1e-3, lr=0.01, seed=7, **kwargs)
     skipped = 0
     for _ in range(5):
@@ -294,11 +301,12 @@ class TestBadInput:
             replace(SMALL, client_upload="gradients").validate()
 
     def test_cli_applies_seeds_to_the_zo_methods_of_a_comparison(self, capsys):
-        from heron.cli import _client_uploads, build_parser
+        from heron.cli.main import build_parser
+        from heron.cli.train import client_uploads
 
         args = build_parser().parse_args(["train", "--client-upload", "seeds"])
         assert args.client_upload == "seeds"
         assert build_parser().parse_args(["run"]).client_upload == "parameters"
-        assert _client_uploads(["heron", "cse-fsl"], "seeds", True) == {"heron": "seeds", "cse-fsl": "parameters"}
+        assert client_uploads(["heron", "cse-fsl"], "seeds", True) == {"heron": "seeds", "cse-fsl": "parameters"}
         assert "cse-fsl upload parameters" in capsys.readouterr().out
-        assert _client_uploads(["cse-fsl"], "seeds", False) == {"cse-fsl": "seeds"}  # rejected by validate
+        assert client_uploads(["cse-fsl"], "seeds", False) == {"cse-fsl": "seeds"}  # rejected by validate

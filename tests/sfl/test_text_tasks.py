@@ -20,11 +20,12 @@ from heron.models import GPT2Config, gpt2_split
 from heron.models.bert import BertConfig, bert_split, minilm_dir, minilm_split
 from heron.models.gpt2 import lm_loss
 from heron.sfl import text
+from heron.sfl.config import TrainConfig
 from heron.sfl.data import load_dataset, split_clients, train_test_indices
-from heron.sfl.engine import Experiment, TrainConfig
+from heron.sfl.engine import Experiment
 from heron.sfl.methods import ImageShape, build_split_model
 from heron.sfl.tasks import TASKS, PaddedBatches, evaluation_batches
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 
 
 def _missing(*modules: str) -> list[str]:
@@ -273,7 +274,7 @@ def test_other_methods_run_on_gpt2(method, convention):
 
 @needs_corpora
 def test_cli_trains_gpt2_on_text(tmp_path, capsys):
-    from heron.cli import main
+    from heron.cli.main import main
 
     report = tmp_path / "r.json"
     code = main(["train", "--model", "gpt2", "--dataset", "text-convention", "--clients", "1", "--rounds", "1",

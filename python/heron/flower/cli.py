@@ -11,9 +11,10 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Flower-only options (heron train's options are added by heron.cli)."""
-    parser.add_argument("--round-timeout", dest="round_timeout", type=float, default=0.0,
-                        help="seconds to wait for a round's replies; late clients are left out (0: wait for all)")
+    """The Flower-only options (heron train's options are added by heron.cli.main)."""
+    parser.add_argument("--round-timeout", dest="round_timeout", type=float, default=None,
+                        help="seconds to wait for a round's replies; late clients are left out (default: "
+                             "heron.flower.config.ROUND_TIMEOUT, 600)")
     parser.add_argument("--ray-cpus", dest="ray_cpus", type=int, default=None,
                         help="CPUs of the Ray cluster (default: all, at most 2)")
     parser.add_argument("--client-cpus", dest="client_cpus", type=float, default=1.0,
@@ -26,11 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, fields
 
-    from heron.cli import _client_uploads
+    from heron.cli.train import client_uploads
     from heron.flower.config import FlowerSettings, check_flower_method
     from heron.flower.report import flower_report
+    from heron.flower.server import describe
     from heron.flower.simulation import simulate
-    from heron.sfl.engine import TrainConfig
+    from heron.sfl.config import TrainConfig
     from heron.sfl.report import format_table, plot, write_json
 
     methods = [m.strip() for m in (args.compare or args.method).split(",") if m.strip()]
@@ -41,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"heron flower: {error}", file=sys.stderr)
         return 2
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    upload_of = _client_uploads(methods, values["client_upload"], bool(args.compare))
+    upload_of = client_uploads(methods, values["client_upload"], bool(args.compare))
     base = TrainConfig(**{**values, "method": methods[0], "client_upload": upload_of[methods[0]]}).validate()
-    settings = FlowerSettings(round_timeout=args.round_timeout).validate()
+    timeout = {} if args.round_timeout is None else {"round_timeout": args.round_timeout}
+    settings = FlowerSettings(**timeout).validate()
     runs = []
     for method in methods:
         def on_round(record, method=method):
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     for run in runs:
         for outcome in run.outcomes:
             for entry in outcome.left_out:
-                print(f"{run.config.method} round {outcome.round}: node {entry.node_id} left out: {entry.reason}")
+                print(f"{run.config.method} round {outcome.round}: {describe(entry)} left out: {entry.reason}")
     if args.report:
         write_json(args.report, flower_report(runs))
         print(f"wrote {args.report}")

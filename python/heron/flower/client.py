@@ -3,7 +3,7 @@ persistent state kept in the node's Flower context.
 
 A ClientApp may be instantiated afresh for every message (in simulation each message can land on
 any Ray actor), so nothing may live in Python objects between rounds. Client i is rebuilt from the
-request exactly as the engine builds it (`heron.sfl.engine.build_client`: the same data shard,
+request exactly as the engine builds it (`heron.sfl.clients.build_client`: the same data shard,
 `ClientBatches`, updater seed and optimizer), loads the broadcast model and its own updater state
 (step count, Adam moments) from `context.state`, runs h local steps and writes the updater state
 back. Flower keeps `context.state` per node and run (in simulation the driver stores the context
@@ -34,15 +34,15 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from heron.flower.codec import ClientSync, RoundRequest, decode_request, encode_arrays, encode_reply, specs_of
+from heron.sfl.clients import build_client
+from heron.sfl.config import TrainConfig, identity_differences
 from heron.sfl.data import ClientData, load_dataset, split_clients
-from heron.sfl.engine import TrainConfig, build_client
 from heron.sfl.methods import ImageShape, build_split_model, cross_entropy
 from heron.sfl.replay import seed_scalar_upload
 from heron.sfl.state import pack, unpack
@@ -68,8 +68,8 @@ def _client_model(config: TrainConfig, shape: ImageShape) -> torch.nn.Module:
 
 
 def _identity(config: TrainConfig) -> str:
-    """The config fields a client's saved state depends on (`rounds` may differ, as for checkpoints)."""
-    return json.dumps({k: v for k, v in asdict(config).items() if k != "rounds"}, sort_keys=True)
+    """The run a client's saved state belongs to: TrainConfig.identity(), the rule checkpoints use too."""
+    return json.dumps(config.identity(), sort_keys=True)
 
 
 def load_saved_state(state: RecordDict, client_id: int, config: TrainConfig, *,
@@ -79,9 +79,11 @@ def load_saved_state(state: RecordDict, client_id: int, config: TrainConfig, *,
     if STATE_META + slot not in state.keys():
         return None
     meta = state[STATE_META + slot]
-    if meta["client-id"] != client_id or meta["config"] != _identity(config):
+    differences = identity_differences(json.loads(meta["config"]), config)
+    if meta["client-id"] != client_id or differences:
         raise ValueError(f"this node's saved state belongs to client {meta['client-id']} of another run "
-                         f"configuration; it cannot continue as client {client_id} of this one")
+                         f"configuration; it cannot continue as client {client_id} of this one"
+                         + (f" ({'; '.join(differences)})" if differences else ""))
     tensors = {key: torch.from_numpy(array.numpy().copy()) for key, array in state[STATE_TENSORS + slot].items()}
     updater_state = unpack(json.loads(meta["skeleton"]), tensors)
     return ClientSync(meta["generation"], updater_state["steps"]), updater_state

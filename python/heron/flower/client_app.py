@@ -6,8 +6,10 @@ message runs one round of that client (heron.flower.client.run_client_round); a 
 or a failing round raises, which Flower returns to the ServerApp as an error reply.
 
 Fault injection for tests only: `make_client_app(fail_clients={1})` builds an app whose client 1
-raises on every round request it gets. The deployed `app` never fails on purpose, and
-nothing a server sends or a run config holds can switch this on.
+raises on every round request it gets; `make_client_app(hostile_clients={2})` one whose client 2 runs
+its round and then replaces every floating-point value of its reply (smashed data, model or
+seed-and-scalar upload) by 1e30: well formed, finite and poisoned. The deployed `app` does neither,
+and nothing a server sends or a run config holds can switch this on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from heron.flower.client import run_client_round
@@ -36,9 +39,23 @@ def _node_int(context: Context, key: str) -> int | None:
     return value
 
 
-def make_client_app(*, fail_clients: Collection[int] = ()) -> ClientApp:
-    """A ClientApp running heron clients; clients in `fail_clients` raise InjectedFailure (tests only)."""
+def _poisoned(content: RecordDict, value: float) -> RecordDict:
+    """`content` with every floating-point array filled with `value` (shapes and dtypes kept)."""
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            for key in list(record.keys()):
+                array = record[key].numpy()
+                if np.issubdtype(array.dtype, np.floating):
+                    record[key] = Array.from_numpy_ndarray(np.full_like(array, value))
+    return content
+
+
+def make_client_app(*, fail_clients: Collection[int] = (), hostile_clients: Collection[int] = (),
+                    hostile_value: float = 1e30) -> ClientApp:
+    """A ClientApp running heron clients; clients in `fail_clients` raise InjectedFailure, clients in
+    `hostile_clients` reply with every floating-point value replaced by `hostile_value` (tests only)."""
     failing = frozenset(int(i) for i in fail_clients)
+    hostile = frozenset(int(i) for i in hostile_clients)
     app = ClientApp()
 
     @app.train()
@@ -51,6 +68,8 @@ def make_client_app(*, fail_clients: Collection[int] = ()) -> ClientApp:
             raise InjectedFailure(f"client {client_id}: failure injected by make_client_app(fail_clients=...)")
         content = run_client_round(message.content, context.state, client_id=client_id,
                                    num_partitions=_node_int(context, "num-partitions"))
+        if client_id in hostile:
+            content = _poisoned(content, hostile_value)
         return Message(content, reply_to=message)
 
     return app

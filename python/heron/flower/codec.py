@@ -5,7 +5,7 @@ ArrayRecords as .npy payloads (read back with `allow_pickle=False`); scalars in 
 
 Request (server -> client), records of its RecordDict:
     "heron.config"  ConfigRecord  the run's TrainConfig (heron.flower.config)
-    "heron.round"   ConfigRecord  protocol, stream-version (heron.stream.STREAM_VERSION), round (0-based),
+    "heron.round"   ConfigRecord  protocol, stream-version (heron.kernels.stream.STREAM_VERSION), round (0-based),
                                   client-upload (the reply kind asked for: the config's client_upload),
                                   client-generations and client-steps (per client id, where the server
                                   has that client's updater: ClientSync)
@@ -51,10 +51,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from heron.flower.config import check_flower_method, train_config_from_record, train_config_to_record
-from heron.sfl.engine import TrainConfig
+from heron.kernels.stream import STREAM_VERSION, StreamVersionError, check_stream_version
+from heron.sfl.config import TrainConfig
 from heron.sfl.replay import BUFFER_PREFIX, SeedScalarUpload
 from heron.sfl.roles import ClientRoundResult, Upload
-from heron.stream import STREAM_VERSION, StreamVersionError, check_stream_version
 
 PROTOCOL = 2  # 2: ClientSync in requests and replies, and the reply kinds named as TrainConfig.client_upload
 MESSAGE_TYPE = "train"

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from heron.sfl.engine import TrainConfig
+from heron.sfl.config import TrainConfig
 from heron.sfl.methods import AUX_METHODS
 
 # TrainConfig field -> the Python type its value must have (float fields also accept ints); a test keeps it in
@@ -34,30 +34,51 @@ _TRAIN_TYPES: dict[str, type] = {
 
 _OPTIONAL_INTS = ("cut", "aux_layers")  # None travels as 0
 
+# The default round timeout (s): a round of the app's default run (cnn, 10 local steps) takes well under a
+# minute on a 2-core CPU; ResNet-18 or many local steps on small devices may need more (set round_timeout).
+ROUND_TIMEOUT = 600.0
+
 
 @dataclass
 class FlowerSettings:
     """What the Flower transport adds to a TrainConfig.
 
-    round_timeout: seconds the ServerApp waits for a round's replies (0: until every node replies).
+    round_timeout: seconds the ServerApp waits for a round's replies; a client that has not replied by
+        then is left out of the round (its message expires, so it does not train a round the server gave
+        up on). Finite, so a node that hangs (while still heartbeating) cannot stall the run.
     node_wait: seconds the ServerApp waits for `clients` nodes before round 1 (later rounds: for any
         node, when none is connected); each round runs with the nodes connected.
     report: when set, the ServerApp writes the run's JSON report (heron train's format) here.
+    max_smashed_ratio, max_update_ratio, clip_ratio: the bounds on one client's reply
+        (heron.flower.screen): its smashed data at most max_smashed_ratio x the largest output of the
+        broadcast client part on the server's images; its update's norm at most max_update_ratio x the
+        broadcast model's norm (beyond either, the reply is rejected); within them, its update's norm
+        clipped to clip_ratio x the round's median update norm.
     """
 
-    round_timeout: float = 0.0
+    round_timeout: float = ROUND_TIMEOUT
     node_wait: float = 120.0
     report: str = ""
+    max_smashed_ratio: float = 100.0
+    max_update_ratio: float = 10.0
+    clip_ratio: float = 3.0
 
     def validate(self) -> FlowerSettings:
-        for name in ("round_timeout", "node_wait"):
+        if not (math.isfinite(self.round_timeout) and self.round_timeout > 0):
+            raise ValueError(f"round_timeout must be a finite number of seconds > 0, got {self.round_timeout}")
+        if not (math.isfinite(self.node_wait) and self.node_wait >= 0):
+            raise ValueError(f"node_wait must be a finite number >= 0, got {self.node_wait}")
+        for name in ("max_smashed_ratio", "max_update_ratio", "clip_ratio"):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if self.clip_ratio < 1:
+            raise ValueError(f"clip_ratio must be >= 1 (below 1 it clips the median client), got {self.clip_ratio}")
         return self
 
 
-_SETTING_TYPES: dict[str, type] = {"round_timeout": float, "node_wait": float, "report": str}
+_SETTING_TYPES: dict[str, type] = {"round_timeout": float, "node_wait": float, "report": str,
+                                   "max_smashed_ratio": float, "max_update_ratio": float, "clip_ratio": float}
 
 
 def check_flower_method(method: str) -> str:
@@ -107,12 +128,19 @@ def train_config_from_record(record: Mapping[str, Any]) -> TrainConfig:
     if missing or extra:
         raise ValueError(f"train config: missing keys {missing}, unexpected keys {extra}")
     values = {key: _typed(key, record[key], kind) for key, kind in _TRAIN_TYPES.items()}
-    values["backend"] = values["backend"] or None
+    return TrainConfig(**_unset_to_none(values)).validate()
+
+
+def _unset_to_none(values: dict[str, Any]) -> dict[str, Any]:
+    """Flower's stand-ins for None (backend "", cut / aux_layers 0: the model's default) back to None."""
+    if "backend" in values:
+        values["backend"] = values["backend"] or None
     for key in _OPTIONAL_INTS:
-        if values[key] < 0:
-            raise ValueError(f"config key {key!r} must be >= 0 (0: the model's default), got {values[key]}")
-        values[key] = values[key] or None
-    return TrainConfig(**values).validate()
+        if key in values:
+            if values[key] < 0:
+                raise ValueError(f"config key {key!r} must be >= 0 (0: the model's default), got {values[key]}")
+            values[key] = values[key] or None
+    return values
 
 
 def from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, FlowerSettings]:
@@ -121,9 +149,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> tuple[TrainConfig, FlowerS
     if unknown:
         raise ValueError(f"run config has unknown keys {unknown}; valid keys: "
                          f"{sorted(_TRAIN_TYPES) + sorted(_SETTING_TYPES)}")
-    train = {k: _typed(k, v, _TRAIN_TYPES[k]) for k, v in run_config.items() if k in _TRAIN_TYPES}
-    if "backend" in train:
-        train["backend"] = train["backend"] or None
+    train = _unset_to_none({k: _typed(k, v, _TRAIN_TYPES[k]) for k, v in run_config.items() if k in _TRAIN_TYPES})
     settings = {k: _typed(k, v, _SETTING_TYPES[k]) for k, v in run_config.items() if k in _SETTING_TYPES}
     config = TrainConfig(**train).validate()
     check_flower_method(config.method)

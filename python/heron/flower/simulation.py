@@ -9,9 +9,11 @@ from collections.abc import Callable, Collection
 
 from heron.flower.client_app import make_client_app
 from heron.flower.config import FlowerSettings, check_flower_dataset, check_flower_method
-from heron.flower.server_app import FlowerRun, make_server_app
-from heron.memory import peak_memory
-from heron.sfl.engine import RoundRecord, TrainConfig
+from heron.flower.report import FlowerRun
+from heron.flower.server_app import make_server_app
+from heron.profiling.memory import peak_memory
+from heron.sfl.config import TrainConfig
+from heron.sfl.records import RoundRecord
 
 
 def backend_config(*, ray_cpus: int | None = None, client_cpus: float = 1.0, client_gpus: float = 0.0,

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from heron.functional import linear_cross_entropy
+from heron.kernels.functional import linear_cross_entropy
+from heron.kernels.nn import LoRALinear
 from heron.models.split import SplitModel, freeze_all_but_lora, lora_linear
-from heron.nn import LoRALinear
 
 # transformers' activation_function names this decoder implements, as F.gelu's `approximate`.
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -159,7 +159,7 @@ class HeadHidden(nn.Module):
 
 class LMHeadLoss:
     """Next-token cross-entropy of hidden states through a (frozen) unembedding, logits computed
-    in bounded chunks (heron.functional.linear_cross_entropy): loss(hidden (B, T, d), tokens (B, T))."""
+    in bounded chunks (heron.kernels.functional.linear_cross_entropy): loss(hidden (B, T, d), tokens (B, T))."""
 
     def __init__(self, unembed: nn.Linear):
         self.unembed = unembed

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from heron.nn import LoRALinear
+from heron.kernels.nn import LoRALinear
 
 
 @dataclass

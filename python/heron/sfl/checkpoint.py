@@ -4,7 +4,7 @@ A checkpoint holds a (possibly nested) dict of tensors, stored flat under "/"-jo
 JSON-serialisable metadata dict, stored as one JSON string under the header metadata key "heron".
 A SHA-256 digest of the tensors (names, dtypes, shapes and bytes) is stored beside it, so a
 damaged file is reported as corrupt instead of loading wrong numbers, and so is the perturbation
-stream version (heron.stream.STREAM_VERSION): a run's state (ZO optimizer moments, replicas, the
+stream version (heron.kernels.stream.STREAM_VERSION): a run's state (ZO optimizer moments, replicas, the
 steps it will replay) is tied to the directions its stream regenerates, so a checkpoint of another
 stream version, or of none (written before versions were recorded), is refused.
 
@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from heron.stream import STREAM_VERSION, StreamVersionError, check_stream_version
+from heron.kernels.stream import STREAM_VERSION, StreamVersionError, check_stream_version
 
 METADATA_KEY = "heron"
 DIGEST_KEY = "heron.sha256"

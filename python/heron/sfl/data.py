@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from heron.kernels.stream import SEED_LIMIT, check_int, derive_seed
 from heron.sfl import text
-from heron.stream import SEED_LIMIT, check_int, derive_seed
 
 # Salts that keep the random streams of different uses of one seed apart.
 _SALT_SPLIT, _SALT_IID, _SALT_DIRICHLET, _SALT_BATCHES = 1, 2, 3, 4

@@ -1,7 +1,7 @@
 """Seed-and-scalar uploads: a ZO client sends how it moved, not where it ended up.
 
 A ZO client's local update is determined by its steps' (step index, seeds, projected-gradient
-scalars) plus the optimizer's rule and state (heron.updaters module docstring). So instead of its
+scalars) plus the optimizer's rule and state (heron.zo.updaters module docstring). So instead of its
 parameters a client can upload those records and the state entries ZO does not train (BatchNorm
 running statistics, num_batches_tracked); the server's ClientReplica, a mirror of the client's
 ZOUpdater, replays them with the same kernels (`ZOUpdater.apply`, the function the client's own
@@ -11,7 +11,7 @@ stream is the same everywhere).
 
 Scalars travel as float64, the exact Python floats the client passed to `apply` (the kernels round
 them to float32 themselves), so replay is exact without depending on that rounding. An upload
-carries the client's perturbation stream version (heron.stream.STREAM_VERSION): seeds only mean
+carries the client's perturbation stream version (heron.kernels.stream.STREAM_VERSION): seeds only mean
 something under the stream that regenerates them, so an upload of another version is refused.
 
 Only ZOUpdater clients (method "heron") can upload seeds. MeZOUpdater cannot: its in-place
@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from heron.kernels.stream import STREAM_VERSION, check_stream_version
 from heron.sfl.roles import Client, ClientRoundResult, tensor_bytes
-from heron.stream import STREAM_VERSION, check_stream_version
-from heron.updaters import ZOUpdater
+from heron.zo.updaters import ZOUpdater
 
 CLIENT_UPLOADS = ("parameters", "seeds")
 SEED_UPLOAD_METHODS = ("heron",)  # methods whose client updater is a ZOUpdater
@@ -228,7 +228,7 @@ def replica_arguments(updater: ZOUpdater) -> dict[str, Any]:
             "lr": updater.lr, "weight_decay": updater.weight_decay, "betas": updater.betas, "eps": updater.eps,
             "seed": updater.seed, "params": list(updater.param_names), "perturbation": updater.perturbation,
             "rank": updater.rank or None, "lazy_steps": updater.lazy_steps, "backend": updater.backend,
-            "schedule": updater.schedule}
+            "schedule": updater.schedule, "executor": updater.requested_executor}
 
 
 def _no_loss(*args: Any) -> torch.Tensor:

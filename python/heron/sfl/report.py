@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from heron.sfl.engine import MethodReport
+from heron.sfl.records import MethodReport
 
 
 def format_table(reports: list[MethodReport]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from heron.stream import derive_seed
+from heron.kernels.stream import derive_seed
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

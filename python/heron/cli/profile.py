@@ -1,0 +1,44 @@
+"""`heron profile`: peak memory, FLOPs and time of one client step, updaters side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from heron.profiling.environment import environment
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from heron.profiling.presets import build_config, build_updater
+    from heron.profiling.profile import profile_steps
+
+    kinds = [k.strip() for k in args.updaters.split(",") if k.strip()]
+    overrides = {} if args.backend is None else {"backend": args.backend}
+    config_kwargs = {"device": args.device}
+    if args.batch is not None:
+        config_kwargs["batch_size"] = args.batch
+    config = build_config(args.model, **config_kwargs)
+    print(f"{config.name}: {config.description} on {args.device}")
+    updaters = {kind: build_updater(kind, config, **(overrides if kind.startswith("zo") else {})) for kind in kinds}
+    print(f"  profiling {', '.join(kinds)} (timed steps interleaved) ...", flush=True)
+    profiles = profile_steps(updaters, config.batch, warmup=args.warmup, repeats=args.repeats)
+    results = {kind: profile.as_dict() for kind, profile in profiles.items()}
+    del updaters, profiles
+    width = max(len("updater"), *(len(kind) for kind in results))
+    print(f"{'updater':<{width}} {'peak memory MB':>15} {'GFLOPs/step':>12} {'time s':>8}")
+    for kind, r in results.items():
+        print(f"{kind:<{width}} {r['peak_memory_bytes'] / 1e6:15.1f} {r['flops'] / 1e9:12.2f} {r['time_s']:8.3f}")
+    for zo_kind in [k for k in results if k.startswith("zo")]:
+        for kind in [k for k in results if not k.startswith("zo")]:
+            zo, other = results[zo_kind], results[kind]
+            print(f"{zo_kind}/{kind}: memory {zo['peak_memory_bytes'] / other['peak_memory_bytes']:.3f}, "
+                  f"FLOPs {zo['flops'] / max(other['flops'], 1):.3f}, time {zo['time_s'] / other['time_s']:.3f}")
+    if args.json:
+        report = {"updaters": results, "environment": environment(),
+                  "config": {"model": config.name, "description": config.description, "device": args.device,
+                             "updater_kwargs": config.updater_kwargs, "warmup": args.warmup,
+                             "repeats": args.repeats, "backend": args.backend}}
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,97 @@
+"""heron.profiling.profile: FLOPs against hand counts, memory and time fields, interleaved timing rounds, the
+caller's model untouched, and the `heron profile` command's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import heron
+from heron.cli.main import main
+from heron.profiling.profile import profile_steps
+from heron.zo.updaters import FOUpdater, ZOUpdater
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+BATCH = (torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3, 0]))
+# Multiply-adds of one forward, counted as 2 FLOPs each (torch.utils.flop_counter's convention).
+FORWARD_FLOPS = 2 * 5 * (8 * 16 + 16 * 4)
+
+
+def test_flops_match_hand_counts():
+    loss = nn.functional.cross_entropy
+    profiles = profile_steps({"zo": ZOUpdater(mlp(), loss, lr=0.1, seed=0),
+                              "fo": FOUpdater(mlp(), loss, lr=0.1)}, BATCH, warmup=0, repeats=1)
+    assert profiles["zo"].flops == 2 * FORWARD_FLOPS  # the base and the perturbed stream
+    # backprop: both weight gradients and the second layer's input gradient (not the batch's)
+    assert profiles["fo"].flops == FORWARD_FLOPS + 2 * 5 * (8 * 16 + 2 * 16 * 4)
+
+
+def test_fields_and_caller_model_untouched():
+    model = mlp()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    profile = heron.profile_step(ZOUpdater(model, nn.functional.cross_entropy, lr=0.1, seed=0), BATCH, warmup=1,
+                                 repeats=2)
+    assert profile.time_s > 0
+    assert profile.step_peak_bytes > 0
+    params_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert profile.resident_bytes >= params_bytes
+    assert profile.peak_memory_bytes == profile.resident_bytes + profile.step_peak_bytes
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class _LoggingUpdater:
+    """Records the order of its steps in a log shared by every copy (profile_steps deep-copies)."""
+
+    log: list[str] = []
+
+    def __init__(self, name: str):
+        self.name = name
+        self.model = nn.Linear(1, 1)
+
+    def step(self, batch):
+        _LoggingUpdater.log.append(self.name)
+
+    def state_dict(self):
+        return {}
+
+
+def test_timed_steps_are_interleaved():
+    _LoggingUpdater.log = []
+    profiles = profile_steps({"a": _LoggingUpdater("a"), "b": _LoggingUpdater("b")}, None, warmup=1, repeats=3)
+    assert list(profiles) == ["a", "b"]
+    # warm-up per updater, then 3 rounds a, b; then each one's FLOP and memory steps
+    assert _LoggingUpdater.log[:8] == ["a", "b", "a", "b", "a", "b", "a", "b"]
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        profile_steps({"a": _LoggingUpdater("a")}, None, repeats=0)
+
+
+def test_profile_command_writes_json(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    assert main(["profile", "--model", "resnet18-paper", "--batch", "2", "--updaters", "zo,fo", "--warmup", "0",
+                 "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert set(report) == {"updaters", "config", "environment"}
+    assert list(report["updaters"]) == ["zo", "fo"]
+    for row in report["updaters"].values():
+        assert row["peak_memory_bytes"] > 0 and row["flops"] > 0 and row["time_s"] > 0
+    assert report["updaters"]["zo"]["flops"] < report["updaters"]["fo"]["flops"]
+    assert "zo/fo: memory" in capsys.readouterr().out
+
+
+def test_time_is_read_from_the_given_clock():
+    """clock=: each timed step is the clock's difference around it (a counter here: exactly 1 per step)."""
+    ticks = iter(range(10**6))
+    profiles = profile_steps({"zo": ZOUpdater(mlp(), nn.functional.cross_entropy, lr=0.1, seed=0)}, BATCH,
+                             warmup=0, repeats=3, clock=lambda: float(next(ticks)))
+    assert profiles["zo"].time_s == 1.0
