@@ -1,4 +1,7 @@
-"""seeded_randn throughput per backend, side by side with torch.randn on the same device."""
+"""seeded_randn throughput of every backend of a device, side by side with torch.randn on the same
+device: all of them timed in the same interleaved rounds (bench/timing.py), so drift in the machine's
+speed falls on every competitor alike, and each ratio is to the torch.randn of that run (of the median
+rounds, and of the fastest rounds: bench/timing.py says why both)."""
 
 from __future__ import annotations
 
@@ -8,11 +11,13 @@ import torch
 import heron  # noqa: F401 - registers torch.ops.heron
 from heron.kernels import backends
 
-from .timing import sync
+from .timing import interleaved_times
 
 pytestmark = pytest.mark.bench
 
 N = 1 << 24  # 16.8 M normals: large enough to amortise launch and thread start-up
+ROUNDS = 15
+SEED, OFFSET = 1234, 2**33
 
 
 def _devices():
@@ -21,53 +26,29 @@ def _devices():
         yield "cuda"
 
 
-def _cases():
-    for device in _devices():
-        for backend in ("torch.randn", *backends.BACKENDS):
-            if backend == "triton" and device == "cpu":
-                continue  # the interpreter is a correctness tool, not a CPU backend
-            if backend == "torch" and device == "cpu":
-                continue  # the integer-op reference runs, but at a crawl; it is not a product path
-            yield pytest.param(device, backend, id=f"{device}-{backend}")
+def _competing_backends(device: str) -> list[str]:
+    """The backends of `device` that are product paths: on the CPU the Triton interpreter (a
+    correctness tool) and the integer-op torch reference (it runs, at a crawl) are left out."""
+    left_out = {"triton", "torch"} if device == "cpu" else set()
+    return [b for b in backends.BACKENDS if b not in left_out and not backends.unavailable_reason(b, device)]
 
 
-@pytest.mark.parametrize(("device", "backend"), list(_cases()))
-def test_seeded_randn_throughput(benchmark, record, device, backend):
-    if backend != "torch.randn" and backends.unavailable_reason(backend, device):
-        pytest.skip(backends.unavailable_reason(backend, device))
-    out = torch.empty(N, device=device)
-    if backend == "torch.randn":
-        def run():
-            torch.randn(N, out=out)
-            sync(device)
-    else:
-        def run():
-            torch.ops.heron.philox_randn_(out=out, seed=1234, offset=2**33, backend=backend)
-            sync(device)
-    run()
-    benchmark.pedantic(run, rounds=10, warmup_rounds=2)
-    seconds = benchmark.stats.stats.median
-    baseline = _baseline(device)
-    record("stream", device=device, backend=backend, n=N, median_s=seconds, normals_per_s=N / seconds,
-           vs_torch_randn=baseline / seconds if baseline else None)
+@pytest.mark.parametrize("device", list(_devices()))
+def test_seeded_randn_throughput(record, device):
+    names = _competing_backends(device)
+    if not names:
+        pytest.skip(f"no compiled heron backend on {device}")
+    outputs = {name: torch.empty(N, device=device) for name in ["torch.randn", *names]}
 
+    def torch_randn():
+        torch.randn(N, out=outputs["torch.randn"])
 
-_BASELINES: dict[str, float] = {}
+    def heron_randn(name: str):
+        return lambda: torch.ops.heron.philox_randn_(out=outputs[name], seed=SEED, offset=OFFSET, backend=name)
 
-
-def _baseline(device: str) -> float:
-    """Median seconds of torch.randn(N) on `device`, timed once per session."""
-    if device not in _BASELINES:
-        import time
-
-        out = torch.empty(N, device=device)
-        times = []
-        for _ in range(12):
-            sync(device)
-            start = time.perf_counter()
-            torch.randn(N, out=out)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        _BASELINES[device] = sorted(times[2:])[len(times[2:]) // 2]
-    return _BASELINES[device]
-
+    t_torch, *t_heron = interleaved_times([torch_randn, *(heron_randn(name) for name in names)], device, ROUNDS)
+    threads = torch.get_num_threads() if device == "cpu" else None
+    for name, times in zip(["torch.randn", *names], [t_torch, *t_heron], strict=True):
+        record("stream", device=device, backend=name, threads=threads, n=N, rounds=ROUNDS, median_s=times.median,
+               fastest_s=times.fastest, normals_per_s=N / times.median, vs_torch_randn=t_torch.median / times.median,
+               fastest_vs_torch_randn=t_torch.fastest / times.fastest)

@@ -11,21 +11,37 @@ namespace cpu {
 // Output element types a generator can write.
 enum class ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// Counters per block of the serial generator below: large enough for SIMD lanes, small enough
-// that a few block buffers live on the stack and in L1.
+// Elements per block of the serial generator below: large enough for SIMD lanes, small enough
+// that a few block buffers live on the stack and in L1. A multiple of 4 (whole groups).
 constexpr int64_t kNormalBlock = 256;
 
 // out[i] = randn(seed, offset + i) for i in [0, n), written as `kind` (round to nearest even).
 // `out` points to n elements of that type. Results do not depend on the number of threads.
 void philox_randn(void* out, ScalarKind kind, int64_t n, uint64_t seed, uint64_t offset);
 
-// out[4*i + j] = word j of Philox4x32-10 at counter offset + i, for i in [0, n).
+// out[4*i + j] = word j of Philox4x32-10 at (group) counter offset + i, for i in [0, n).
 void philox_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset);
 
 // Serial building block of the fused kernels: out[i] = randn(seed, first + i), i in [0, count),
-// count <= kNormalBlock. Vectorised (AVX-512 / AVX2 / generic chosen at run time, bit-identical
-// results on all); no threads started.
+// count <= kNormalBlock. Generates the whole groups of four the range touches (vectorised:
+// AVX-512 / AVX2 / generic chosen at run time, bit-identical results on all); no threads started.
 void randn_block(float* out, int64_t count, uint64_t seed, uint64_t first);
+
+// Elements [0, n) of a stream range whose counters are offset + i, cut into blocks of at most
+// kNormalBlock at group boundaries: only the first block may start inside a group and only the
+// last end inside one, so no group is generated twice. Block b is [start(b), start(b) + size(b)).
+struct StreamBlocks {
+  int64_t n;
+  uint64_t offset;
+
+  int64_t lead() const { return static_cast<int64_t>(offset & 3u); }
+  int64_t count() const { return n <= 0 ? 0 : (n + lead() + kNormalBlock - 1) / kNormalBlock; }
+  int64_t start(int64_t b) const { return b == 0 ? 0 : b * kNormalBlock - lead(); }
+  int64_t size(int64_t b) const {
+    const int64_t end = (b + 1) * kNormalBlock - lead();
+    return (end < n ? end : n) - start(b);
+  }
+};
 
 // A rectangular piece of the direction of an (rows x cols) tensor keyed by (seed, offset):
 // element (n, k) is randn(seed, offset + n*cols + k), the tensor's row-major flat index.

@@ -1,15 +1,21 @@
-// Fused ZO updates. Every parameter block of kNormalBlock elements is handled independently: its
+// Fused ZO updates. Every parameter block of at most kNormalBlock elements is handled independently: its
 // combined direction G is built in a stack buffer (q generated blocks, or the low-rank product),
-// the parameter block is loaded as float32, updated, and stored back. Peak extra memory: a few
+// then the block is updated: a float32 parameter in place, a low-precision one loaded as float32,
+// updated and stored back. The parameter (and moments) a few blocks ahead are prefetched while a
+// block's direction is generated, so the memory traffic overlaps the arithmetic. Peak extra memory: a few
 // kNormalBlock-float stack buffers per thread in full mode; in low-rank mode also U (rows x rank)
 // and the q transposed V_j (q x rank x cols) float32, i.e. 4 * rank * (rows + q*cols) bytes.
-// The float math mirrors heron.reference operation by operation (float32, scalars rounded to
+// The float math mirrors heron.kernels.reference operation by operation (float32, scalars rounded to
 // float32 as torch does), so results agree with it up to the generator's last-bit differences.
 #include "cpu/zo_update_cpu.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+// No FMA contraction: the AVX-512 clones below must round like the AVX2 and default ones (and like
+// the reference's separate operations), so results do not depend on the machine's instruction set.
+#pragma GCC optimize("fp-contract=off")
 
 namespace heron {
 namespace cpu {
@@ -44,21 +50,37 @@ AdamScalars adam_scalars(const AdamHyper& h) {
   return s;
 }
 
-// g[t] += weight * z[t]
-__attribute__((target_clones("avx2", "default")))
-void accumulate(float* g, const float* z, float weight, int64_t count) {
+// g[t] = weight * z[t] (first) or g[t] + weight * z[t] (accumulate).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void scale_into(float* g, const float* z, float weight, int64_t count, bool accumulate) {
+  if (accumulate) {
 #pragma omp simd
-  for (int64_t t = 0; t < count; ++t) g[t] = g[t] + weight * z[t];
+    for (int64_t t = 0; t < count; ++t) g[t] = g[t] + weight * z[t];
+  } else {
+#pragma omp simd
+    for (int64_t t = 0; t < count; ++t) g[t] = weight * z[t];
+  }
 }
 
-// Full mode: g[t] = sum_j grads[j] * randn(seeds[j], offset + start + t), t < count <= kNormalBlock.
-void full_direction(const DirectionSpec& d, int64_t start, int64_t count, float* g) {
-  std::fill(g, g + count, 0.0f);
-  float z[kNormalBlock];
-  for (int64_t j = 0; j < d.q; ++j) {
-    randn_block(z, count, static_cast<uint64_t>(d.seeds[j]), d.offset + static_cast<uint64_t>(start));
-    accumulate(g, z, d.grads[j], count);
+// Full mode: the combined direction is weight * g[t] with the returned weight: for one direction
+// g = randn(seeds[0], offset + start + t) and weight = grads[0] (the update rule applies it, one pass
+// fewer); otherwise g[t] = sum_j grads[j] * randn(seeds[j], ...) and weight 1 (zeros for q = 0).
+// t < count <= kNormalBlock.
+float full_direction(const DirectionSpec& d, int64_t start, int64_t count, float* g) {
+  if (d.q == 0) {
+    std::fill(g, g + count, 0.0f);
+    return 1.0f;
   }
+  const uint64_t first = d.offset + static_cast<uint64_t>(start);
+  randn_block(g, count, static_cast<uint64_t>(d.seeds[0]), first);
+  if (d.q == 1) return d.grads[0];
+  scale_into(g, g, d.grads[0], count, false);
+  float z[kNormalBlock];
+  for (int64_t j = 1; j < d.q; ++j) {
+    randn_block(z, count, static_cast<uint64_t>(d.seeds[j]), first);
+    scale_into(g, z, d.grads[j], count, true);
+  }
+  return 1.0f;
 }
 
 // The low-rank factors of all q directions, float32.
@@ -89,7 +111,7 @@ LowRankFactors make_factors(const ParamSpec& p, const DirectionSpec& d) {
 }
 
 // g[t] = sum_j grads[j] * (sum_r u_row[r] * V_j[col + t, r]) / sqrt(rank), within one row.
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("avx512f", "avx2", "default")))
 void lowrank_segment(float* g, int64_t len, const float* u_row, const float* vt_col, const LowRankFactors& f,
                      const float* grads, int64_t q) {
   float s[kNormalBlock];
@@ -119,45 +141,67 @@ void lowrank_direction(const DirectionSpec& d, const LowRankFactors& f, int64_t 
   }
 }
 
-// Calls rule(start, count, p, g) per block with p the parameter block as float32 (stored back
-// afterwards) and g the combined direction over the block.
+// Prefetches `bytes` bytes from `ptr` into the cache (no-op for null).
+inline void prefetch(const void* ptr, int64_t bytes) {
+  if (ptr == nullptr) return;
+  const char* bytes_ptr = static_cast<const char*>(ptr);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(bytes_ptr + b, 1, 3);
+}
+
+// Blocks ahead of the one being updated whose memory is prefetched (generating one block's
+// direction takes about as long as fetching a few blocks from DRAM).
+constexpr int64_t kPrefetchBlocks = 2;
+
+// Calls rule(start, count, p, g, weight) per block with p the parameter block as float32 (a float32
+// parameter's own memory; otherwise a converted copy stored back afterwards) and weight * g the
+// combined direction over the block. `moments` (null or two float32 arrays of numel) are prefetched too.
 template <typename Rule>
-void update_blocks(const ParamSpec& param, const DirectionSpec& d, Rule rule) {
+void update_blocks(const ParamSpec& param, const DirectionSpec& d, float* const (&moments)[2], Rule rule) {
   LowRankFactors factors;
   if (d.rank > 0) factors = make_factors(param, d);
-  const int64_t element_size = param.kind == ScalarKind::kFloat32 ? 4 : 2;
+  const bool in_place = param.kind == ScalarKind::kFloat32;
+  const int64_t element_size = in_place ? 4 : 2;
   char* data = static_cast<char*>(param.data);
-  const int64_t blocks = (param.numel + kNormalBlock - 1) / kNormalBlock;
+  // Full directions: blocks cut at the stream's group boundaries (each group generated once).
+  const StreamBlocks blocks{param.numel, d.rank > 0 ? 0 : d.offset};
 #pragma omp parallel for schedule(static) if (param.numel >= kParallelGrain)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t start = b * kNormalBlock;
-    const int64_t count = std::min(kNormalBlock, param.numel - start);
-    float g[kNormalBlock], p[kNormalBlock];
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const int64_t start = blocks.start(b);
+    const int64_t count = blocks.size(b);
+    if (b + kPrefetchBlocks < blocks.count()) {
+      const int64_t ahead = blocks.start(b + kPrefetchBlocks), ahead_count = blocks.size(b + kPrefetchBlocks);
+      prefetch(data + ahead * element_size, ahead_count * element_size);
+      for (float* moment : moments) prefetch(moment == nullptr ? nullptr : moment + ahead, ahead_count * 4);
+    }
+    float g[kNormalBlock], converted[kNormalBlock];
+    float weight = 1.0f;
     if (d.rank > 0) {
       lowrank_direction(d, factors, start, count, g);
     } else {
-      full_direction(d, start, count, g);
+      weight = full_direction(d, start, count, g);
     }
     void* block = data + start * element_size;
-    load_as_float(p, block, param.kind, count);
-    rule(start, count, p, g);
-    store_from_float(block, param.kind, p, count);
+    float* p = in_place ? static_cast<float*>(block) : converted;
+    if (!in_place) load_as_float(p, block, param.kind, count);
+    rule(start, count, p, g, weight);
+    if (!in_place) store_from_float(block, param.kind, p, count);
   }
 }
 
-// p = p - lr * (g + weight_decay * p)
-__attribute__((target_clones("avx2", "default")))
-void sgd_rule(float* p, const float* g, int64_t count, float lr, float weight_decay) {
+// p = p - lr * (w g + weight_decay * p)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sgd_rule(float* p, const float* g, float w, int64_t count, float lr, float weight_decay) {
 #pragma omp simd
-  for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (g[t] + weight_decay * p[t]);
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] - lr * (w * g[t] + weight_decay * p[t]);
 }
 
-// The Adam / AdamW step of heron.reference.zo_adam_update on one block (m, v updated in place).
-__attribute__((target_clones("avx2", "default")))
-void adam_rule(float* p, float* m, float* v, const float* g_in, int64_t count, const AdamScalars& s) {
+// The Adam / AdamW step of heron.kernels.reference.zo_adam_update on one block with gradient w g (m, v
+// updated in place).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void adam_rule(float* p, float* m, float* v, const float* g_in, float w, int64_t count, const AdamScalars& s) {
 #pragma omp simd
   for (int64_t t = 0; t < count; ++t) {
-    float param = p[t], g = g_in[t];
+    float param = p[t], g = w * g_in[t];
     if (s.decoupled) {
       param = param * s.decay;
     } else {
@@ -171,34 +215,36 @@ void adam_rule(float* p, float* m, float* v, const float* g_in, int64_t count, c
   }
 }
 
-__attribute__((target_clones("avx2", "default")))
-void add_rule(float* p, const float* g, int64_t count) {
+// p = p + w g
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void add_rule(float* p, const float* g, float w, int64_t count) {
 #pragma omp simd
-  for (int64_t t = 0; t < count; ++t) p[t] = p[t] + g[t];
+  for (int64_t t = 0; t < count; ++t) p[t] = p[t] + w * g[t];
 }
 
 }  // namespace
 
 void zo_sgd_update(const ParamSpec& param, const DirectionSpec& direction, double lr, double weight_decay) {
   const float lr_f = static_cast<float>(lr), wd_f = static_cast<float>(weight_decay);
-  update_blocks(param, direction, [=](int64_t, int64_t count, float* p, const float* g) {
-    sgd_rule(p, g, count, lr_f, wd_f);
-  });
+  update_blocks(param, direction, {nullptr, nullptr},
+                [=](int64_t, int64_t count, float* p, const float* g, float w) { sgd_rule(p, g, w, count, lr_f, wd_f); });
 }
 
 void zo_adam_update(const ParamSpec& param, float* exp_avg, float* exp_avg_sq, const DirectionSpec& direction,
                     const AdamHyper& hyper) {
   const AdamScalars s = adam_scalars(hyper);
-  update_blocks(param, direction, [=, &s](int64_t start, int64_t count, float* p, const float* g) {
-    adam_rule(p, exp_avg + start, exp_avg_sq + start, g, count, s);
-  });
+  update_blocks(param, direction, {exp_avg, exp_avg_sq},
+                [=, &s](int64_t start, int64_t count, float* p, const float* g, float w) {
+                  adam_rule(p, exp_avg + start, exp_avg_sq + start, g, w, count, s);
+                });
 }
 
 void perturb(const ParamSpec& param, uint64_t seed, uint64_t offset, double alpha) {
   const int64_t seeds[1] = {static_cast<int64_t>(seed)};
   const float grads[1] = {static_cast<float>(alpha)};
   const DirectionSpec direction{seeds, grads, 1, offset, 0, 0, 0, 0};
-  update_blocks(param, direction, [](int64_t, int64_t count, float* p, const float* g) { add_rule(p, g, count); });
+  update_blocks(param, direction, {nullptr, nullptr},
+                [](int64_t, int64_t count, float* p, const float* g, float w) { add_rule(p, g, w, count); });
 }
 
 }  // namespace cpu

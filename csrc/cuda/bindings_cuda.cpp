@@ -1,6 +1,6 @@
 // heron._C functions for CUDA tensors (compiled only when HERON_WITH_CUDA is defined).
 // Signatures follow docs/kernels.md; the checks here are the last line of defence for direct
-// callers of heron._C (heron.functional validates first).
+// callers of heron._C (heron.kernels.functional validates first).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 

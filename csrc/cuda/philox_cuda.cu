@@ -13,12 +13,22 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 65535 * 4;
 
-// Grid-stride loop: element i always uses counter offset + i, whatever the launch shape.
+// Grid-stride loop over the groups of four the range touches: thread t generates group
+// offset / 4 + t (tl.randn4x) and writes the elements of it that lie in [0, n). Element i always
+// uses counter offset + i, whatever the launch shape.
 template <typename T>
 __global__ void randn_kernel(T* __restrict__ out, int64_t n, uint64_t seed, uint64_t offset) {
+  const int64_t lead = static_cast<int64_t>(offset & 3u);
+  const int64_t groups = (n + lead + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    out[i] = from_float<T>(philox::randn_at(seed, offset + static_cast<uint64_t>(i)));
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    const philox::Normals z = philox::randn4x(seed, (offset >> 2) + static_cast<uint64_t>(g));
+    const float values[4] = {z.n0, z.n1, z.n2, z.n3};
+    const int64_t base = 4 * g - lead;  // element index of the group's first word
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (base + j >= 0 && base + j < n) out[base + j] = from_float<T>(values[j]);
+    }
   }
 }
 
@@ -30,8 +40,8 @@ __global__ void words_kernel(uint4* __restrict__ out, int64_t n, uint64_t seed, 
   }
 }
 
-int grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
+int grid_for(int64_t work_items) {
+  const int64_t blocks = (work_items + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < kMaxBlocks ? (blocks > 0 ? blocks : 1) : kMaxBlocks);
 }
 
@@ -40,7 +50,7 @@ int grid_for(int64_t n) {
 cudaError_t launch_philox_randn(void* out, ScalarKind kind, int64_t n, uint64_t seed,
                                 uint64_t offset, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const int grid = grid_for(n);
+  const int grid = grid_for((n + 3) / 4 + 1);  // one thread per group
   switch (kind) {
     case ScalarKind::kFloat32:
       randn_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<float*>(out), n, seed, offset);

@@ -6,7 +6,8 @@
 // shared memory (tile[kk][row]) so the inner loop reads 4 consecutive rows as one float4.
 //
 // Modes (template flags, one kernel):
-//   kFull     y_pert accumulates x_pert @ (W + mu Z).T with Z[n, k] made in the W loader.
+//   kFull     y_pert accumulates x_pert @ (W + mu Z).T with Z[n, k] made in the W loader, whole
+//             groups of the stream at a time (add_weight_direction).
 //   kLowRank  y_pert = x_pert @ W.T + mu/sqrt(r) (x_pert @ V) @ U.T: V[k, :] made per K tile and
 //             x_pert @ V accumulated in registers; U rows made in the epilogue.
 //   kLora     W frozen; the epilogue adds scale * xa @ B.T and scale * xa_pert @ (B + mu Z_B).T,
@@ -119,6 +120,31 @@ __device__ __forceinline__ void project_accumulate(float (&acc)[kBM * RMAX / kTh
   }
 }
 
+// wps[kk][nn] += mu * Z[n0 + nn, k0 + kk] over the K tile (inside (N, K)), Z[n, k] = randn(seed,
+// weight_offset + n*K + k), made by whole groups of the stream: row nn's kBK counters touch at most
+// kGroupsPerRow groups, one thread item per (row, group), each writing the words that fall in the
+// tile. Waits for the tile's W values first (every element is then touched by one thread only).
+constexpr int kGroupsPerRow = kBK / 4 + 1;
+
+__device__ __forceinline__ void add_weight_direction(float* __restrict__ wps, const GemmArgs& a, int64_t n0,
+                                                     int64_t k0) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < kBN * kGroupsPerRow; e += kThreads) {
+    const int nn = e / kGroupsPerRow, gi = e % kGroupsPerRow;
+    const int64_t n = n0 + nn;
+    const uint64_t row_first = a.weight_offset + static_cast<uint64_t>(n * a.K + k0);  // counter of kk = 0
+    const int kk0 = gi * 4 - static_cast<int>(row_first & 3u);                         // kk of the group's word 0
+    if (n >= a.N || kk0 >= kBK) continue;
+    const philox::Normals z = philox::randn4x(a.seed, (row_first >> 2) + static_cast<uint64_t>(gi));
+    const float values[4] = {z.n0, z.n1, z.n2, z.n3};
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int kk = kk0 + j;
+      if (kk >= 0 && kk < kBK && k0 + kk < a.K) wps[kk * kLd + nn] += a.mu * values[j];
+    }
+  }
+}
+
 template <typename T, Mode MODE, bool SHARED, bool HAS_BIAS, int RMAX>
 __global__ void __launch_bounds__(kThreads) perturbed_gemm_kernel(const GemmArgs a) {
   using L = GemmLayout<MODE, SHARED, RMAX>;
@@ -172,14 +198,11 @@ __global__ void __launch_bounds__(kThreads) perturbed_gemm_kernel(const GemmArgs
       for (int e = tid; e < kBN * kBK; e += kThreads) {
         const int nn = e / kBK, kk = e % kBK;
         const int64_t n = n0 + nn, k = k0 + kk;
-        const bool inside = n < N && k < K;
-        const float wv = inside ? to_float(w[n * K + k]) : 0.0f;
+        const float wv = (n < N && k < K) ? to_float(w[n * K + k]) : 0.0f;
         ws[kk * kLd + nn] = wv;
-        if constexpr (MODE == Mode::kFull) {
-          const float z = inside ? philox::randn_at(a.seed, a.weight_offset + static_cast<uint64_t>(n * K + k)) : 0.0f;
-          wps[kk * kLd + nn] = wv + a.mu * z;
-        }
+        if constexpr (MODE == Mode::kFull) wps[kk * kLd + nn] = wv;
       }
+      if constexpr (MODE == Mode::kFull) add_weight_direction(wps, a, n0, k0);
       if constexpr (MODE == Mode::kLowRank) {
         for (int e = tid; e < kBK * RMAX; e += kThreads) {
           const int kk = e / RMAX, j = e % RMAX;

@@ -1,5 +1,5 @@
 // CUDA launchers for the fused perturbed linear layers (raw pointers; launched on the caller's
-// stream). The math is python/heron/reference.py; the contract is docs/kernels.md. Every tensor is
+// stream). The math is python/heron/kernels/reference.py; the contract is docs/kernels.md. Every tensor is
 // 2-D row-major contiguous and has the element type `kind`; accumulation is float32. The
 // direction Z is generated tile by tile inside the GEMM and never written to memory.
 #pragma once

@@ -1,9 +1,10 @@
 // Seeded in-place updates: perturb, ZO-SGD and ZO-Adam/AdamW, full or low-rank directions, q
 // directions summed in the same pass that reads and writes the parameter.
 //
-// Full: a grid-stride loop over groups of kVec consecutive elements (one vector load/store of
-// the parameter and moments when every pointer is aligned, scalar otherwise); element i of G is
-// sum_j grads[j] * randn(seeds[j], offset + i).
+// Full: a grid-stride loop over the stream's groups of four (tl.randn4x: one Philox call per
+// four elements); element i of G is sum_j grads[j] * randn(seeds[j], offset + i). A group whose
+// elements all lie in the parameter is one vector load/store of the parameter and moments when
+// offset is a multiple of 4 and every pointer is aligned; otherwise element by element, masked.
 // Low rank: G = U (sum_j grads[j] V_j).T / sqrt(rank). A first kernel writes the two small
 // factors (cols x rank and rows x rank, never the parameter's size) to a workspace; a tiled
 // kernel then forms G tile by tile in registers and applies the rule.
@@ -23,7 +24,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kVec = 4;
+constexpr int kVec = 4;  // elements per stream group (tl.randn4x): one vector access
 constexpr int64_t kMaxBlocks = 65535 * 4;
 // Low-rank apply tile: kTileRows x kTileCols parameter elements, rank consumed kRankChunk at a time.
 constexpr int kTileRows = 32;
@@ -53,6 +54,26 @@ struct Directions {
       sum = fmaf(grads[j], philox::randn_at(static_cast<uint64_t>(seeds[j]), counter), sum);
     }
     return sum;
+  }
+
+  // The four elements of stream group `group` (counters 4 * group .. 4 * group + 3).
+  __device__ __forceinline__ void at_group(uint64_t group, float (&out)[4]) const {
+    if (single) {
+      const philox::Normals z = philox::randn4x(seed, group);
+      out[0] = grad * z.n0;
+      out[1] = grad * z.n1;
+      out[2] = grad * z.n2;
+      out[3] = grad * z.n3;
+      return;
+    }
+    out[0] = out[1] = out[2] = out[3] = 0.0f;
+    for (int64_t j = 0; j < q; ++j) {
+      const philox::Normals z = philox::randn4x(static_cast<uint64_t>(seeds[j]), group);
+      out[0] = fmaf(grads[j], z.n0, out[0]);
+      out[1] = fmaf(grads[j], z.n1, out[1]);
+      out[2] = fmaf(grads[j], z.n2, out[2]);
+      out[3] = fmaf(grads[j], z.n3, out[3]);
+    }
   }
 };
 
@@ -89,58 +110,67 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
-// count == VEC: one aligned vector access; otherwise the first `count` elements one by one.
+// One aligned vector access of VEC elements.
 template <typename T, int VEC>
-__device__ __forceinline__ void load_pack(const T* src, int count, float (&out)[VEC]) {
-  if (count == VEC) {
-    const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(src);
-    #pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = to_float(pack.v[e]);
-  } else {
-    #pragma unroll
-    for (int e = 0; e < VEC; ++e) out[e] = e < count ? to_float(src[e]) : 0.0f;
-  }
+__device__ __forceinline__ void load_pack(const T* src, float (&out)[VEC]) {
+  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(src);
+  #pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = to_float(pack.v[e]);
 }
 
 template <typename T, int VEC>
-__device__ __forceinline__ void store_pack(T* dst, int count, const float (&in)[VEC]) {
-  if (count == VEC) {
-    Pack<T, VEC> pack;
-    #pragma unroll
-    for (int e = 0; e < VEC; ++e) pack.v[e] = from_float<T>(in[e]);
-    *reinterpret_cast<Pack<T, VEC>*>(dst) = pack;
-  } else {
-    #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (e < count) dst[e] = from_float<T>(in[e]);
-    }
-  }
+__device__ __forceinline__ void store_pack(T* dst, const float (&in)[VEC]) {
+  Pack<T, VEC> pack;
+  #pragma unroll
+  for (int e = 0; e < VEC; ++e) pack.v[e] = from_float<T>(in[e]);
+  *reinterpret_cast<Pack<T, VEC>*>(dst) = pack;
 }
 
-// Full directions; element i of the flat parameter uses counter offset + i.
-template <typename T, Rule R, int VEC>
+// Full directions; element i of the flat parameter uses counter offset + i. Thread item g is the
+// stream group offset / 4 + g, elements 4g - lead .. 4g - lead + 3 (lead = offset % 4).
+// VECTOR (lead == 0, pointers aligned): whole groups inside the parameter are one vector access.
+template <typename T, Rule R, bool VECTOR>
 __global__ void __launch_bounds__(kThreads)
     update_full_kernel(T* __restrict__ param, float* __restrict__ exp_avg, float* __restrict__ exp_avg_sq,
                        int64_t numel, const Directions dir, const Hyper h) {
-  const int64_t groups = (numel + VEC - 1) / VEC;
+  const int64_t lead = static_cast<int64_t>(dir.offset & 3u);
+  const int64_t groups = (numel + lead + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const int64_t base = g * VEC;
-    const int count = numel - base < VEC ? static_cast<int>(numel - base) : VEC;
-    float p[VEC], m[VEC] = {}, v[VEC] = {};
-    load_pack<T, VEC>(param + base, count, p);
-    if constexpr (R == Rule::kAdam) {
-      load_pack<float, VEC>(exp_avg + base, count, m);
-      load_pack<float, VEC>(exp_avg_sq + base, count, v);
+    float z[kVec];
+    dir.at_group((dir.offset >> 2) + static_cast<uint64_t>(g), z);
+    const int64_t base = 4 * g - lead;
+    if (VECTOR && base + kVec <= numel) {
+      float p[kVec], m[kVec] = {}, v[kVec] = {};
+      load_pack<T, kVec>(param + base, p);
+      if constexpr (R == Rule::kAdam) {
+        load_pack<float, kVec>(exp_avg + base, m);
+        load_pack<float, kVec>(exp_avg_sq + base, v);
+      }
+      #pragma unroll
+      for (int e = 0; e < kVec; ++e) apply_rule<R>(h, p[e], z[e], m[e], v[e]);
+      store_pack<T, kVec>(param + base, p);
+      if constexpr (R == Rule::kAdam) {
+        store_pack<float, kVec>(exp_avg + base, m);
+        store_pack<float, kVec>(exp_avg_sq + base, v);
+      }
+      continue;
     }
     #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      if (e < count) apply_rule<R>(h, p[e], dir.at(base + e), m[e], v[e]);
-    }
-    store_pack<T, VEC>(param + base, count, p);
-    if constexpr (R == Rule::kAdam) {
-      store_pack<float, VEC>(exp_avg + base, count, m);
-      store_pack<float, VEC>(exp_avg_sq + base, count, v);
+    for (int e = 0; e < kVec; ++e) {
+      const int64_t i = base + e;
+      if (i < 0 || i >= numel) continue;
+      float p = to_float(param[i]), m = 0.0f, v = 0.0f;
+      if constexpr (R == Rule::kAdam) {
+        m = exp_avg[i];
+        v = exp_avg_sq[i];
+      }
+      apply_rule<R>(h, p, z[e], m, v);
+      param[i] = from_float<T>(p);
+      if constexpr (R == Rule::kAdam) {
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+      }
     }
   }
 }
@@ -252,15 +282,14 @@ template <typename T, Rule R>
 cudaError_t run_full(const ZoUpdateArgs& a, float* exp_avg, float* exp_avg_sq, const Directions& dir, const Hyper& h,
                      cudaStream_t stream) {
   T* param = static_cast<T*>(a.param);
-  const bool vector = aligned(param, sizeof(T) * kVec) &&
+  const bool vector = (dir.offset & 3u) == 0 && aligned(param, sizeof(T) * kVec) &&
                       (R != Rule::kAdam || (aligned(exp_avg, sizeof(float) * kVec) &&
                                             aligned(exp_avg_sq, sizeof(float) * kVec)));
+  const int grid = grid_for((a.numel + 3) / 4 + 1);  // one thread item per group
   if (vector) {
-    update_full_kernel<T, R, kVec><<<grid_for((a.numel + kVec - 1) / kVec), kThreads, 0, stream>>>(
-        param, exp_avg, exp_avg_sq, a.numel, dir, h);
+    update_full_kernel<T, R, true><<<grid, kThreads, 0, stream>>>(param, exp_avg, exp_avg_sq, a.numel, dir, h);
   } else {
-    update_full_kernel<T, R, 1><<<grid_for(a.numel), kThreads, 0, stream>>>(param, exp_avg, exp_avg_sq, a.numel,
-                                                                            dir, h);
+    update_full_kernel<T, R, false><<<grid, kThreads, 0, stream>>>(param, exp_avg, exp_avg_sq, a.numel, dir, h);
   }
   return cudaGetLastError();
 }

@@ -1,5 +1,5 @@
 // CUDA launchers for the seeded zeroth-order parameter updates (raw pointers; launched on the
-// caller's stream). Math: python/heron/reference.py; contract: docs/kernels.md.
+// caller's stream). Math: python/heron/kernels/reference.py; contract: docs/kernels.md.
 //
 // The update direction is G = sum_j grads[j] * z_j over q directions read from device arrays
 // (no host sync), z_j keyed (seeds[j], offset) over the parameter's flat index, or low rank

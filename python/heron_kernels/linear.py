@@ -3,6 +3,9 @@
 The direction is never materialised. Inside the K loop every program regenerates the Z (or V)
 elements of its own tile from their global indices, so the values depend only on
 (seed, offset, index), never on the tile configuration (see docs/kernels.md, "The direction").
+When every weight row starts on a group of the stream (K and weight_offset multiples of 4: ALIGNED)
+a Z tile is whole groups, one tl.randn4x call per four elements; otherwise, and for the small U, V,
+Z_A, Z_B and z_b tiles, each element takes its group's words and the pair it needs (stream_at).
 
 Kernel family `_linear_kernel`, constexpr flags:
   SHARED   x_pert is None: x is loaded once and y_pert = y_base + mu * x @ Z.T (+ mu * z_b).
@@ -20,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from heron_kernels.philox import stream_at, stream_rows
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # One small fixed tile config under the interpreter (read at call time, so tests can change it).
@@ -53,8 +58,25 @@ def _randn_tile(seed, offset, rows, cols, row_stride, col_stride, n_rows, n_cols
     rows/cols are int64, so the counter is computed in 64 bits.
     """
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    z = tl.randn(seed, offset + rows[:, None] * row_stride + cols[None, :] * col_stride)
+    z = stream_at(seed, offset + rows[:, None] * row_stride + cols[None, :] * col_stride)
     return tl.where(mask, z, 0.0)
+
+
+@triton.jit
+def _weight_direction_t(seed, weight_offset, k0, offs_k, offs_n, K, N, ALIGNED: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """float32 (BLOCK_K, BLOCK_N) tile of Z.T: [i, j] = randn(seed, weight_offset + offs_n[j]*K + offs_k[i]),
+    offs_k = k0 + arange(BLOCK_K); 0 outside (K, N).
+
+    ALIGNED (K and weight_offset multiples of 4): each row's slice is BLOCK_K / 4 whole groups.
+    """
+    if ALIGNED:
+        mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        z = stream_rows(seed, weight_offset + offs_n * K + k0, BLOCK_N, BLOCK_K)  # (BN, BK)
+        out = tl.where(mask, tl.trans(z), 0.0)
+    else:
+        out = _randn_tile(seed, weight_offset, offs_k, offs_n, 1, K, K, N)
+    return out
 
 
 @triton.jit
@@ -125,12 +147,13 @@ def _linear_kernel(
     rank, u_seed, u_offset, v_offset, inv_sqrt_rank,
     xa_ptr, xa_pert_ptr, lora_b_ptr, lora_b_offset, lora_scale,
     SHARED: tl.constexpr, HAS_BIAS: tl.constexpr, LOWRANK: tl.constexpr, LORA: tl.constexpr,
-    R_PAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) tile of y_base and y_pert (both (M, N)) for x (M, K), W (N, K).
 
-    Full mode (not LOWRANK, not LORA): Z[n, k] = randn(seed, weight_offset + n*K + k).
+    Full mode (not LOWRANK, not LORA): Z[n, k] = randn(seed, weight_offset + n*K + k); ALIGNED: K and
+    weight_offset are multiples of 4 (see _weight_direction_t).
     """
     dtype = xb_ptr.dtype.element_ty
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +179,8 @@ def _linear_kernel(
             if not SHARED:
                 acc_pert = _dot(xp, w_t, acc_pert, PRECISION, INTERP_BF16)
         else:
-            z_t = _randn_tile(seed, weight_offset, offs_k, offs_n, 1, K, K, N)  # (BK, BN): Z.T
+            z_t = _weight_direction_t(seed, weight_offset, k0, offs_k, offs_n, K, N, ALIGNED, BLOCK_K,
+                                      BLOCK_N)  # (BK, BN): Z.T
             if SHARED:
                 acc_pert = _dot(x, cast_rtne(z_t, dtype, INTERP_BF16), acc_pert, PRECISION, INTERP_BF16)
             else:
@@ -183,7 +207,7 @@ def _linear_kernel(
         if LORA:
             acc_pert += b[None, :]
         else:
-            z_b = tl.where(n_mask, tl.randn(seed, bias_offset + offs_n), 0.0)
+            z_b = tl.where(n_mask, stream_at(seed, bias_offset + offs_n), 0.0)
             acc_pert += (b + mu * z_b)[None, :]
     _store_tile(yb_ptr, acc_base, offs_m, offs_n, M, N, INTERP_BF16)
     _store_tile(yp_ptr, acc_pert, offs_m, offs_n, M, N, INTERP_BF16)
@@ -223,7 +247,8 @@ def _lora_down_kernel(
 
 
 _linear_autotuned = triton.autotune(
-    configs=_GPU_CONFIGS, key=["M", "N", "K", "SHARED", "HAS_BIAS", "LOWRANK", "LORA", "R_PAD", "PRECISION"],
+    configs=_GPU_CONFIGS,
+    key=["M", "N", "K", "SHARED", "HAS_BIAS", "LOWRANK", "LORA", "ALIGNED", "R_PAD", "PRECISION"],
 )(_linear_kernel)
 
 
@@ -250,7 +275,7 @@ def _launch_linear(x_base, x_pert, weight, bias, y_base, y_pert, **scalars) -> N
     N = weight.shape[0]
     args = (x_base, x_pert, weight, bias, y_base, y_pert, M, N, K)
     flags = {"SHARED": x_pert is None, "HAS_BIAS": bias is not None, "PRECISION": dot_precision(x_base),
-             "INTERP_BF16": interp_bf16(x_base)}
+             "INTERP_BF16": interp_bf16(x_base), "ALIGNED": K % 4 == 0 and scalars["weight_offset"] % 4 == 0}
     if INTERPRETED:
         block_m, block_n, block_k = INTERPRETER_BLOCKS
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))

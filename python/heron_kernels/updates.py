@@ -1,11 +1,13 @@
 """Seeded in-place parameter updates in Triton: ZO-SGD, ZO-Adam(W) and perturb, one pass over the parameter.
 
-The combined direction G = sum_j grads[j] * z_j is rebuilt element by element from the (q,) seeds and
-grads tensors, which the kernel reads itself (no host sync). Kernel family `_update_kernel` works on
-(BLOCK_R, BLOCK_C) tiles of the parameter seen as an (n_rows, n_cols) row-major matrix:
-  full mode:     (1, numel), z_j[i] = randn(seeds[j], offset + i)
+The combined direction G = sum_j grads[j] * z_j is rebuilt from the (q,) seeds and grads tensors, which
+the kernel reads itself (no host sync). Kernel family `_update_kernel` works on (BLOCK_R, BLOCK_C)
+tiles of the parameter seen as an (n_rows, n_cols) row-major matrix:
+  full mode:     (1, numel), z_j[i] = randn(seeds[j], offset + i); a tile is BLOCK_C counters of whole
+                 groups of the stream (program p: from 4 * (offset // 4) + p * BLOCK_C), so the first
+                 and last tiles mask the elements outside the parameter
   low-rank mode: (N, K), z_j = U @ V_j.T / sqrt(rank), U keyed (u_seed, u_offset), V_j (seeds[j], v_offset);
-                 G = U @ (sum_j grads[j] V_j).T / sqrt(rank), one small tl.dot per tile.
+                 G = U @ (sum_j grads[j] V_j).T / sqrt(rank), the rank sum as outer products per tile.
 Math is float32; parameters may be float32, bfloat16 or float16; Adam moments are float32.
 """
 
@@ -17,40 +19,42 @@ import torch
 import triton
 import triton.language as tl
 
-from heron_kernels.linear import INTERPRETED, MIN_DOT, cast_rtne, interp_bf16
+from heron_kernels.linear import INTERPRETED, cast_rtne, interp_bf16
+from heron_kernels.philox import stream_at, stream_range
 
-FULL_BLOCK = 1024  # elements per program in full mode
+FULL_BLOCK = 1024  # counters (whole groups) per program in full mode
 LOWRANK_BLOCKS = (32, 64)  # (BLOCK_R, BLOCK_C) tiles in low-rank mode on GPU
 INTERPRETER_LOWRANK_BLOCKS = (16, 32)
 
 
 @triton.jit
-def _full_direction(seeds_ptr, grads_ptr, q, counters, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """sum_j grads[j] * randn(seeds[j], counters), float32 (BLOCK_R, BLOCK_C) like counters."""
-    total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+def _full_direction(seeds_ptr, grads_ptr, q, first_group, BLOCK_C: tl.constexpr):
+    """sum_j grads[j] * z_j over the BLOCK_C counters from 4 * first_group, float32 (1, BLOCK_C)."""
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for j in range(q):
-        total += tl.load(grads_ptr + j) * tl.randn(tl.load(seeds_ptr + j), counters)
-    return total
+        total += tl.load(grads_ptr + j) * stream_range(tl.load(seeds_ptr + j), first_group, BLOCK_C)
+    return total[None, :]
 
 
 @triton.jit
 def _lowrank_direction(seeds_ptr, grads_ptr, q, rows, cols, n_rows, n_cols, rank, u_seed, u_offset, v_offset,
-                       sqrt_rank, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+                       sqrt_rank, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """sum_j grads[j] * (U @ V_j.T)[rows, cols] / sqrt(rank), float32 (len(rows), len(cols)).
 
     U[n, r] = randn(u_seed, u_offset + n*rank + r), V_j[k, r] = randn(seeds[j], v_offset + k*rank + r).
+    The rank sum runs r = 0, 1, ... as outer products, so every element sees the same order whatever
+    the tile (a tl.dot's accumulation order may depend on the tile shape).
     """
-    r_idx = tl.arange(0, R_PAD).to(tl.int64)
-    r_mask = r_idx < rank
-    u_mask = (rows[:, None] < n_rows) & r_mask[None, :]
-    u = tl.where(u_mask, tl.randn(u_seed, u_offset + rows[:, None] * rank + r_idx[None, :]), 0.0)
-    v_mask = r_mask[:, None] & (cols[None, :] < n_cols)
-    v_counters = v_offset + cols[None, :] * rank + r_idx[:, None]  # (R_PAD, BLOCK_C): V.T
-    v_sum = tl.zeros((R_PAD, BLOCK_C), dtype=tl.float32)
-    for j in range(q):
-        v_sum += tl.load(grads_ptr + j) * tl.randn(tl.load(seeds_ptr + j), v_counters)
-    v_sum = tl.where(v_mask, v_sum, 0.0)
-    return tl.dot(u, v_sum, input_precision="ieee") / sqrt_rank
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r in range(rank):
+        u_r = tl.where(row_mask, stream_at(u_seed, u_offset + rows * rank + r), 0.0)
+        v_r = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in range(q):
+            v_r += tl.load(grads_ptr + j) * stream_at(tl.load(seeds_ptr + j), v_offset + cols * rank + r)
+        total += u_r[:, None] * tl.where(col_mask, v_r, 0.0)[None, :]
+    return total / sqrt_rank
 
 
 @triton.jit
@@ -59,7 +63,7 @@ def _update_kernel(
     seed, offset, alpha, lr, weight_decay, decay_factor,
     beta1, beta2, one_minus_beta1, one_minus_beta2, step_size, sqrt_bias2, eps,
     rank, u_seed, u_offset, v_offset, sqrt_rank,
-    OP: tl.constexpr, DECOUPLED: tl.constexpr, LOWRANK: tl.constexpr, R_PAD: tl.constexpr,
+    OP: tl.constexpr, DECOUPLED: tl.constexpr, LOWRANK: tl.constexpr,
     INTERP_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Update one (BLOCK_R, BLOCK_C) tile of param (n_rows, n_cols) in place.
@@ -69,19 +73,24 @@ def _update_kernel(
     OP "adam":    Adam (DECOUPLED: AdamW, p *= decay_factor) on the float32 moments; step_size is
                   lr / (1 - beta1**step), sqrt_bias2 is sqrt(1 - beta2**step).
     """
-    rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    index = rows[:, None] * n_cols + cols[None, :]
+    if LOWRANK:
+        rows = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        index = rows[:, None] * n_cols + cols[None, :]
+    else:  # BLOCK_R == 1: BLOCK_C counters of whole groups, elements outside the parameter masked
+        first_group = offset // 4 + tl.program_id(0).to(tl.int64) * (BLOCK_C // 4)
+        index = ((4 * first_group - offset) + tl.arange(0, BLOCK_C))[None, :]
+        mask = (index >= 0) & (index < n_cols)
     p = tl.load(param_ptr + index, mask=mask, other=0.0).to(tl.float32)
     if OP == "perturb":
-        p = p + alpha * tl.randn(seed, offset + index)
+        p = p + alpha * stream_range(seed, first_group, BLOCK_C)[None, :]
     else:
         if LOWRANK:
             g = _lowrank_direction(seeds_ptr, grads_ptr, q, rows, cols, n_rows, n_cols, rank, u_seed, u_offset,
-                                   v_offset, sqrt_rank, R_PAD, BLOCK_C)
+                                   v_offset, sqrt_rank, BLOCK_R, BLOCK_C)
         else:
-            g = _full_direction(seeds_ptr, grads_ptr, q, offset + index, BLOCK_R, BLOCK_C)
+            g = _full_direction(seeds_ptr, grads_ptr, q, first_group, BLOCK_C)
         if OP == "sgd":
             p = p - lr * (g + weight_decay * p)
         else:
@@ -123,15 +132,17 @@ def _launch_update(param: torch.Tensor, exp_avg, exp_avg_sq, seeds, grads, *, op
     if rank > 0:
         n_rows, n_cols = param.shape
         block_r, block_c = INTERPRETER_LOWRANK_BLOCKS if INTERPRETED else LOWRANK_BLOCKS
+        lead = 0
     else:
         n_rows, n_cols = 1, param.numel()
         block_r, block_c = 1, FULL_BLOCK
-    grid = (triton.cdiv(n_cols, block_c), triton.cdiv(n_rows, block_r))
+        lead = scalars["offset"] % 4  # the first tile starts at the group of the first element
+    grid = (triton.cdiv(n_cols + lead, block_c), triton.cdiv(n_rows, block_r))
     _update_kernel[grid](
         param, exp_avg, exp_avg_sq, seeds, grads, 0 if seeds is None else seeds.numel(), n_rows, n_cols,
         **scalars, rank=rank, u_seed=u_seed, u_offset=u_offset, v_offset=v_offset,
         sqrt_rank=math.sqrt(rank) if rank > 0 else 1.0,
-        OP=op, DECOUPLED=decoupled, LOWRANK=rank > 0, R_PAD=max(MIN_DOT, triton.next_power_of_2(max(rank, 1))),
+        OP=op, DECOUPLED=decoupled, LOWRANK=rank > 0,
         INTERP_BF16=interp_bf16(param), BLOCK_R=block_r, BLOCK_C=block_c,
     )
 

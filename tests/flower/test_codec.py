@@ -350,7 +350,7 @@ def test_seeds_reply_round_trip_is_exact():
     assert [u.smashed.shape for u in reply.result.uploads] == [(5, 2, 3, 3)] * 2
     content = _seeds_reply()
     assert set(content.keys()) == {"heron.reply", "heron.upload", "heron.seeds"}  # no model
-    assert set(content["heron.seeds"].keys()) == {"client_id", "step", "seeds", "projected_grads",
+    assert set(content["heron.seeds"].keys()) == {"client_id", "stream_version", "step", "seeds", "projected_grads",
                                                   "buffer/1.running_mean", "buffer/1.num_batches_tracked"}
 
 

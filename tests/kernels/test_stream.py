@@ -1,4 +1,5 @@
-"""The perturbation contract: every backend reproduces Triton's tl.randn stream."""
+"""The perturbation contract (stream version 2): every backend reproduces Triton's tl.randn4x stream,
+element c being word c % 4 of tl.randn4x(seed, c // 4); data of another stream version is refused."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ KEYS = [  # (seed, offset): small, counters above 2**32, seeds above 2**32, both
     (0, 0),
     (42, 123),
     (7, 2**32 - 5),
+    (2**35 + 1, 2**34 - 500_001),  # the group counter c // 4 carries into its high word mid-range
     (2**33 + 5, 2**40 + 7),
     (2**62 + 17, 2**62 - 11),
 ]
@@ -55,14 +57,21 @@ def test_normals_match_reference(device_type, backend, n, seed, offset):
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def test_reference_words_match_triton_at_known_points():
-    """Triton's own tl.randint4x (interpreter or GPU) against the reference, independently of
-    heron_kernels' launchers: a tiny kernel written here."""
+def _triton_here():
+    """(triton, triton.language, device) for kernels written in a test: the GPU, or the CPU through
+    the interpreter; skips the test where neither runs."""
     triton = pytest.importorskip("triton")
     tl = pytest.importorskip("triton.language")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not backends.triton_interpreted():
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    return triton, tl, device
+
+
+def test_reference_words_match_triton_at_known_points():
+    """Triton's own tl.randint4x (interpreter or GPU) against the reference, independently of
+    heron_kernels' launchers: a tiny kernel written here."""
+    triton, tl, device = _triton_here()
 
     @triton.jit
     def words(out, seed, offset, BLOCK: tl.constexpr):
@@ -78,6 +87,111 @@ def test_reference_words_match_triton_at_known_points():
         words[(1,)](out, seed, offset, BLOCK=16)
         want = reference.philox_words(seed, offset + torch.arange(16))
         assert torch.equal(out.cpu().to(torch.int64) & 0xFFFFFFFF, want)
+
+
+# (seed, offset, n) against tl.randn4x: starts and ends mid-group, single elements, element counters
+# across 2**32, group counters (c // 4) across 2**32, and the last counters below 2**63.
+RANDN4X_CASES = [
+    (0, 0, 64),
+    (42, 1, 10),
+    (5, 3, 1),
+    (11, 2, 2),
+    (9, 6, 7),
+    (7, 2**32 - 6, 23),
+    (2**33 + 5, 2**34 - 13, 29),
+    (2**62 + 17, 2**63 - 39, 39),
+    (2**40 + 7, 2**34 - 5003, 10_007),
+]
+
+
+def _randn4x_interpreted(seed: int, first_group: int, groups: int) -> torch.Tensor:
+    """float32 (4 * groups,): [4k + j] = word j of tl.randn4x(seed, first_group + k), computed by
+    Triton's own tl.randn4x (through the interpreter on CPU), independently of heron_kernels."""
+    triton, tl, device = _triton_here()
+
+    @triton.jit
+    def randn4x_kernel(out, seed, first, n_groups, BLOCK: tl.constexpr):
+        g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = g < n_groups
+        n0, n1, n2, n3 = tl.randn4x(seed, first + g)
+        tl.store(out + 4 * g, n0, mask=mask)
+        tl.store(out + 4 * g + 1, n1, mask=mask)
+        tl.store(out + 4 * g + 2, n2, mask=mask)
+        tl.store(out + 4 * g + 3, n3, mask=mask)
+
+    out = torch.empty(4 * groups, dtype=torch.float32, device=device)
+    randn4x_kernel[(triton.cdiv(groups, 1024),)](out, seed, first_group, groups, BLOCK=1024)
+    return out.cpu()
+
+
+def _randn4x_elements(seed: int, offset: int, n: int) -> torch.Tensor:
+    """Elements offset .. offset + n - 1 of the v2 stream, from tl.randn4x."""
+    first_group, last_group = offset // 4, (offset + n - 1) // 4
+    groups = _randn4x_interpreted(seed, first_group, last_group - first_group + 1)
+    start = offset - 4 * first_group
+    return groups[start:start + n]
+
+
+@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("seed", "offset", "n"), RANDN4X_CASES)
+def test_seeded_randn_is_tl_randn4x(device_type, backend, seed, offset, n):
+    """Element c is word c % 4 of tl.randn4x(seed, c // 4): all four words, every alignment."""
+    skip_unavailable(device_type, backend)
+    want = _randn4x_elements(seed, offset, n)
+    got = heron.seeded_randn(n, seed, offset, device=device_type, backend=backend).cpu()
+    if backend == "triton" and backends.triton_interpreted():
+        assert torch.equal(got, want)  # the same numpy math on the same words
+    else:
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("device_type", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_backends_agree_on_millions_across_the_group_carry(device_type):
+    """A few million normals whose group counter crosses 2**32, compiled backend vs the reference."""
+    skip_unavailable(device_type, "torch")
+    n, seed, offset = 3_000_001, 2**41 + 3, 2**34 - 1_500_002
+    want = reference.randn(seed, offset, n)
+    for backend in backends.available(device_type):
+        if backend == "torch" or backend == "triton" and backends.triton_interpreted():
+            continue
+        got = heron.seeded_randn(n, seed, offset, device=device_type, backend=backend).cpu()
+        assert (got - want).abs().max().item() <= 1e-5, backend
+
+
+def test_words_are_the_groups_of_four():
+    """philox_words row g holds the Philox words of group g; its normals are elements 4g .. 4g + 3."""
+    words = heron.philox_words(3, 17, 2**32 - 1)
+    want = reference.philox_words(17, torch.tensor([2**32 - 1, 2**32, 2**32 + 1]))
+    assert torch.equal(words, want)
+    normals = heron.seeded_randn(12, 17, 4 * (2**32 - 1), backend="torch")
+    assert torch.equal(normals, reference.normals_from_words(want).flatten())
+
+
+# (K, offset): rows starting on a group (K, offset multiples of 4) or not, at every offset % 4, and a
+# weight whose group counter crosses 2**32.
+ALIGNMENTS = [(16, 8), (16, 6), (17, 3), (12, 2**34 - 60), (33, 2**34 - 61)]
+
+
+@pytest.mark.parametrize(("device_type", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize(("k", "offset"), ALIGNMENTS)
+def test_fused_ops_use_the_stream_at_every_alignment(device_type, backend, k, offset):
+    """The direction inside perturbed_linear, perturb_ and zo_sgd_update_ is exactly the backend's own
+    seeded_randn, whether the layer's rows and the parameter start on a group of four or not."""
+    from heron import functional as HF
+
+    skip_unavailable(device_type, backend)
+    n, seed = 9, 2**37 + 11
+    z = heron.seeded_randn((n, k), seed, offset, device=device_type, backend=backend)
+    eye = torch.eye(k, device=device_type)
+    weight = torch.zeros(n, k, device=device_type)
+    y_base, y_pert = HF.perturbed_linear(eye, weight, seed=seed, offset=offset, mu=1.0, x_pert=eye, backend=backend)
+    assert torch.equal(y_pert - y_base, z.T)  # x = I, W = 0: y_pert = Z.T exactly
+    param = torch.zeros(n, k, device=device_type)
+    HF.perturb_(param, seed, alpha=1.0, offset=offset, backend=backend)
+    assert torch.equal(param, z)
+    param = torch.zeros(n, k, device=device_type)
+    HF.zo_sgd_update_(param, seed, -1.0, lr=1.0, offset=offset, backend=backend)
+    assert torch.equal(param, z)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -276,3 +390,95 @@ class TestDeriveSeed:
 
 def test_check_key_returns_ints():
     assert check_key(torch.tensor(3), 4, 10) == (3, 4)
+
+
+class TestStreamVersion:
+    """Checkpoints, seed-and-scalar uploads and Flower messages carry the stream version; data of
+    another version, or without one (written before versions existed), is refused, saying so."""
+
+    def test_version_is_two(self):
+        from heron.kernels.stream import STREAM_VERSION
+
+        assert STREAM_VERSION == 2
+
+    @pytest.mark.parametrize(("found", "match"), [
+        (None, r"the thing carries no perturbation stream version.* this heron uses stream version 2"),
+        (1, r"the thing was made with perturbation stream version 1; this heron uses stream version 2"),
+        ("2", r"the thing was made with perturbation stream version '2'; this heron uses stream version 2"),
+    ])
+    def test_check_names_both_versions(self, found, match):
+        from heron.kernels.stream import StreamVersionError, check_stream_version
+
+        with pytest.raises(StreamVersionError, match=match):
+            check_stream_version(found, "the thing")
+        assert issubclass(StreamVersionError, ValueError)
+        check_stream_version(2, "the thing")
+
+    @staticmethod
+    def _rewrite_header(path, **changes):
+        import safetensors.torch
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            header = dict(file.metadata())
+            tensors = {name: file.get_tensor(name) for name in file.keys()}
+        for key, value in changes.items():
+            header.pop(key, None)
+            if value is not None:
+                header[key] = value
+        safetensors.torch.save_file(tensors, str(path), metadata=header)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     ("1", "perturbation stream version 1")])
+    def test_checkpoint_of_another_version_is_refused(self, tmp_path, version, match):
+        from heron.sfl.checkpoint import STREAM_VERSION_KEY, CheckpointError, load_checkpoint, save_checkpoint
+
+        path = tmp_path / "c.safetensors"
+        save_checkpoint(path, {"w": torch.ones(3)}, {"round": 1})
+        tensors, metadata = load_checkpoint(path)
+        assert metadata == {"round": 1}
+        self._rewrite_header(path, **{STREAM_VERSION_KEY: version})
+        with pytest.raises(CheckpointError, match=match):
+            load_checkpoint(path)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     (1, "perturbation stream version 1")])
+    def test_seed_upload_of_another_version_is_refused(self, version, match):
+        from heron.sfl.replay import SeedScalarUpload
+
+        wire = SeedScalarUpload(0, [(0, [5], [0.5])]).to_tensors()
+        assert wire["stream_version"].dtype == torch.int64 and int(wire["stream_version"]) == 2
+        del wire["stream_version"]
+        if version is not None:
+            wire["stream_version"] = torch.tensor(version, dtype=torch.int64)
+        with pytest.raises(ValueError, match=match):
+            SeedScalarUpload.from_tensors(wire)
+
+    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
+                                                     (1, "perturbation stream version 1")])
+    def test_flower_messages_of_another_version_are_refused(self, version, match):
+        pytest.importorskip("flwr")
+        from heron.flower import codec
+        from heron.sfl.engine import TrainConfig
+        from heron.sfl.roles import ClientRoundResult, Upload
+
+        state = {"w": torch.zeros(2, 3)}
+        specs = codec.specs_of(state)
+        request = codec.encode_request(TrainConfig(clients=1), 0, state, sync=[codec.ClientSync()])
+        codec.decode_request(request, lambda config: specs)
+        result = ClientRoundResult(0, state, 4, uploads=[Upload(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64))],
+                                   losses=[1.0, 1.0])
+        spec = codec.ReplySpec(round_index=0, client_upload="parameters", clients=1, local_steps=2, upload_every=2,
+                               batch_size=1, max_samples=10, num_classes=2, state=specs,
+                               smashed=codec.TensorSpec((2,), torch.float32))
+        reply = codec.encode_reply(result, 0, start=codec.ClientSync())
+        codec.decode_reply(reply, spec)
+        for content, record in ((request, codec.ROUND), (reply, codec.REPLY)):
+            header = content[record]
+            del header["stream-version"]
+            if version is not None:
+                header["stream-version"] = version
+        with pytest.raises(codec.MessageRejected, match=f"{codec.ROUND}: .*{match}"):
+            codec.decode_request(request, lambda config: specs)
+        with pytest.raises(codec.MessageRejected, match=f"{codec.REPLY}: .*{match}"):
+            codec.decode_reply(reply, spec)

@@ -126,9 +126,9 @@ def test_replica_rebuilds_client_state_bit_for_bit_over_rounds(optimizer, q):
         client.set_state(broadcast)
         result = client.run_round(round_index)
         wire = seed_scalar_upload(client, result).to_tensors()
-        assert set(wire) == {"client_id", "step", "seeds", "projected_grads", "buffer/0.1.running_mean",
-                             "buffer/0.1.running_var", "buffer/0.1.num_batches_tracked", "buffer/0.4.running_mean",
-                             "buffer/0.4.running_var", "buffer/0.4.num_batches_tracked"}
+        assert set(wire) == {"client_id", "stream_version", "step", "seeds", "projected_grads",
+                             "buffer/0.1.running_mean", "buffer/0.1.running_var", "buffer/0.1.num_batches_tracked",
+                             "buffer/0.4.running_mean", "buffer/0.4.running_var", "buffer/0.4.num_batches_tracked"}
         upload = SeedScalarUpload.from_tensors(wire, expected_buffers=replica.expected_buffers)
         rebuilt = replica.rebuild(broadcast, upload)
         assert rebuilt.keys() == result.state.keys()
@@ -176,7 +176,8 @@ def test_engine_seeds_mode_equals_parameters_mode_with_fewer_bytes():
     state = params.global_model.state_dict()
     buffers = sum(v.numel() * v.element_size() for k, v in state.items() if "running" in k or "num_batches" in k)
     steps = SMALL.local_steps  # digits never gives a NaN loss here: every step is applied
-    seed_upload = 8 + 8 * steps + 2 * (8 + 8) * steps + buffers  # client_id, step, seeds + float64 scalars (q=2)
+    # client_id, stream_version, step, seeds + float64 scalars (q=2)
+    seed_upload = 8 + 8 + 8 * steps + 2 * (8 + 8) * steps + buffers
     for a, b in zip(report_params.rounds, report_seeds.rounds, strict=True):
         assert a.skipped_steps == b.skipped_steps == 0
         assert a.bytes_up - b.bytes_up == SMALL.clients * (state_bytes(state) - seed_upload)
@@ -224,7 +225,7 @@ class TestBadInput:
         upload = SeedScalarUpload.from_tensors(self.wire())
         assert upload.client_id == 0 and upload.q == 2
         assert upload.zo_steps == [(0, [5, 6], [0.5, -1.0]), (1, [7, 8], [2.0, 0.25])]
-        assert upload.nbytes == 8 + 2 * 8 + 2 * 2 * 8 * 2 + 4 * 4 + 8
+        assert upload.nbytes == 8 + 8 + 2 * 8 + 2 * 2 * 8 * 2 + 4 * 4 + 8
         empty = SeedScalarUpload.from_tensors(SeedScalarUpload(3).to_tensors())
         assert empty.client_id == 3 and empty.zo_steps == [] and empty.buffers == {}
 

@@ -65,10 +65,11 @@ def reference_gradient(model: nn.Module, loss_fn, batch, direction: dict[str, to
     return (losses[1] - losses[0]) / mu, losses
 
 
-def check_step_against_reference(model: nn.Module, loss_fn, batch, mu: float = MU, **kwargs) -> ZOUpdater:
+def check_step_against_reference(model: nn.Module, loss_fn, batch, mu: float = MU, seed: int = 5,
+                                 **kwargs) -> ZOUpdater:
     """One step with lr 0: g equals the reference within rounding_tolerance (and is not buried in
     it), and the parameters come back bit for bit."""
-    updater = ZOUpdater(model, loss_fn, mu=mu, lr=0.0, seed=5, **kwargs)
+    updater = ZOUpdater(model, loss_fn, mu=mu, lr=0.0, seed=seed, **kwargs)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     direction = reference_direction(updater)
     state = torch.get_rng_state()
@@ -168,8 +169,10 @@ pytest.importorskip("peft")
 def test_hugging_face_gradient_matches_functional_call(name, lora, schedule, perturbation):
     work = tp.hugging_face(name, lora)
     lowrank = {"perturbation": "lowrank", "rank": 2} if perturbation == "lowrank" else {}
-    updater = check_step_against_reference(work.model, work.loss_fn, work.batch, mu=0.1, schedule=schedule,
-                                           **lowrank)
+    # Seed 6: under stream version 2, seed 5's full direction is nearly orthogonal to the PEFT LoRA
+    # models' gradient (|g| only 2-4x the rounding bound, too close to it for the check to mean much).
+    updater = check_step_against_reference(work.model, work.loss_fn, work.batch, mu=0.1, seed=6,
+                                           schedule=schedule, **lowrank)
     assert updater.executor == "generic"
     if lora:
         assert updater.param_names and all("lora_" in n or "classifier.modules_to_save" in n

@@ -5,13 +5,14 @@ ArrayRecords as .npy payloads (read back with `allow_pickle=False`); scalars in 
 
 Request (server -> client), records of its RecordDict:
     "heron.config"  ConfigRecord  the run's TrainConfig (heron.flower.config)
-    "heron.round"   ConfigRecord  protocol, round (0-based), client-upload (the reply kind asked for:
-                                  the config's client_upload), client-generations and client-steps (per
-                                  client id, where the server has that client's updater: ClientSync)
+    "heron.round"   ConfigRecord  protocol, stream-version (heron.kernels.stream.STREAM_VERSION), round (0-based),
+                                  client-upload (the reply kind asked for: the config's client_upload),
+                                  client-generations and client-steps (per client id, where the server
+                                  has that client's updater: ClientSync)
     "heron.model"   ArrayRecord   the global client model: client part + aux head state_dict
 
 Reply (client -> server), kind "parameters" or "seeds" (TrainConfig.client_upload):
-    "heron.reply"   ConfigRecord  protocol, round, client-id, num-samples, client-upload,
+    "heron.reply"   ConfigRecord  protocol, stream-version, round, client-id, num-samples, client-upload,
                                   skipped-steps, losses (one float per local step), generation and
                                   start-step (the ClientSync the client started the round from)
     "heron.upload"  ArrayRecord   "smashed/<i>" (B, *cut shape) float, "labels/<i>" (B,) int64 for
@@ -19,16 +20,19 @@ Reply (client -> server), kind "parameters" or "seeds" (TrainConfig.client_uploa
   kind "parameters" adds
     "heron.model"   ArrayRecord   the client's model after its h local steps
   kind "seeds" adds, instead of the model (heron.sfl.replay.SeedScalarUpload.to_tensors()):
-    "heron.seeds"   ArrayRecord   "client_id" int64 (), "step" int64 (n,), "seeds" int64 (n, q),
-                                  "projected_grads" float64 (n, q), "buffer/<state key>" for each
-                                  BatchNorm buffer; n = local_steps - skipped-steps, steps numbered
-                                  start-step, start-step + 1, ... (q is 0 when n is 0)
+    "heron.seeds"   ArrayRecord   "client_id" int64 (), "stream_version" int64 (), "step" int64 (n,),
+                                  "seeds" int64 (n, q), "projected_grads" float64 (n, q),
+                                  "buffer/<state key>" for each BatchNorm buffer; n = local_steps -
+                                  skipped-steps, steps numbered start-step, start-step + 1, ... (q is 0
+                                  when n is 0)
 
 Decoding checks, in this order, and rejects with a MessageRejected naming the record/key and the
-expected vs received value: the set of records, every ConfigRecord key (exact set, exact Python
-types, ranges), every ArrayRecord key (exact set), each array's declared dtype and shape, its
-payload size (bounded before it is parsed), the parsed array's dtype and shape, finiteness of
-floating arrays, label range, and for seeds the step numbers, the client id and the seeds' range.
+expected vs received value: the set of records, the header's stream-version (a message of another
+perturbation stream version, or of none, is refused saying so), every ConfigRecord key (exact set,
+exact Python types, ranges), every ArrayRecord key (exact set), each array's declared dtype and
+shape, its payload size (bounded before it is parsed), the parsed array's dtype and shape,
+finiteness of floating arrays, label range, and for seeds the step numbers, the client id and the
+seeds' range.
 What depends on the server's state of the sending client is checked once the node is known to
 speak for that client (heron.flower.server.SplitServer.absorb): where the reply started
 (`check_start`) and, for seeds, each step's seeds against the ones the client's updater derives
@@ -47,6 +51,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from heron.flower.config import check_flower_method, train_config_from_record, train_config_to_record
+from heron.kernels.stream import STREAM_VERSION, StreamVersionError, check_stream_version
 from heron.sfl.config import TrainConfig
 from heron.sfl.replay import BUFFER_PREFIX, SeedScalarUpload
 from heron.sfl.roles import ClientRoundResult, Upload
@@ -185,6 +190,15 @@ def _int(record: Mapping[str, Any], key: str, where: str, low: int, high: int | 
     return value
 
 
+def _check_stream_version(header: Mapping[str, Any], where: str, what: str) -> None:
+    """header["stream-version"] must be this heron's STREAM_VERSION (directions, seeds and optimizer
+    state only mean something under the stream that made them)."""
+    try:
+        check_stream_version(header.get("stream-version"), what)
+    except StreamVersionError as error:
+        raise MessageRejected(f"{where}: {error}") from None
+
+
 def _str(record: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str:
     value = record[key]
     if type(value) is not str or value not in choices:
@@ -247,7 +261,7 @@ def check_start(start: ClientSync, server: ClientSync, client_id: int) -> bool:
 
 # -- request (server -> client) --------------------------------------------------------------------
 
-_REQUEST_KEYS = {"protocol", "round", "client-upload", "client-generations", "client-steps"}
+_REQUEST_KEYS = {"protocol", "stream-version", "round", "client-upload", "client-generations", "client-steps"}
 
 
 @dataclass
@@ -271,7 +285,8 @@ def encode_request(config: TrainConfig, round_index: int, state: Mapping[str, to
         raise ValueError(f"sync must have one entry per client ({config.clients}), got {len(sync)}")
     return RecordDict({
         CONFIG: ConfigRecord(train_config_to_record(config)),
-        ROUND: ConfigRecord({"protocol": PROTOCOL, "round": round_index, "client-upload": config.client_upload,
+        ROUND: ConfigRecord({"protocol": PROTOCOL, "stream-version": STREAM_VERSION, "round": round_index,
+                             "client-upload": config.client_upload,
                              "client-generations": [int(s.generation) for s in sync],
                              "client-steps": [int(s.steps) for s in sync]}),
         MODEL: encode_arrays(state),
@@ -287,6 +302,7 @@ def decode_request(content: Any, state_specs: Callable[[TrainConfig], Mapping[st
     except (TypeError, ValueError) as error:
         raise MessageRejected(f"{CONFIG}: {error}") from None
     header = _config_record(content, ROUND)
+    _check_stream_version(header, ROUND, "this request")
     _check_keys(header, _REQUEST_KEYS, ROUND)
     _int(header, "protocol", ROUND, PROTOCOL, PROTOCOL)
     round_index = _int(header, "round", ROUND, 0)
@@ -345,8 +361,8 @@ class ClientReply:
     seeds: SeedScalarUpload | None = None
 
 
-_REPLY_KEYS = {"protocol", "round", "client-id", "num-samples", "client-upload", "skipped-steps", "losses",
-               "generation", "start-step"}
+_REPLY_KEYS = {"protocol", "stream-version", "round", "client-id", "num-samples", "client-upload", "skipped-steps",
+               "losses", "generation", "start-step"}
 
 
 def encode_reply(result: ClientRoundResult, round_index: int, *, start: ClientSync,
@@ -356,7 +372,7 @@ def encode_reply(result: ClientRoundResult, round_index: int, *, start: ClientSy
     else kind "parameters"."""
     kind = "parameters" if seeds is None else "seeds"
     content = RecordDict({REPLY: ConfigRecord({
-        "protocol": PROTOCOL, "round": round_index, "client-id": result.client_id,
+        "protocol": PROTOCOL, "stream-version": STREAM_VERSION, "round": round_index, "client-id": result.client_id,
         "num-samples": result.num_samples, "client-upload": kind, "skipped-steps": result.skipped_steps,
         "losses": [float(loss) for loss in result.losses], "generation": start.generation,
         "start-step": start.steps})})
@@ -375,6 +391,7 @@ def decode_reply(content: Any, spec: ReplySpec) -> ClientReply:
     if REPLY not in content.keys():
         raise MessageRejected(f"reply: missing record {REPLY!r}")
     header = _config_record(content, REPLY)
+    _check_stream_version(header, REPLY, "this reply")
     _check_keys(header, _REPLY_KEYS, REPLY)
     kind = _str(header, "client-upload", REPLY, (spec.client_upload,))
     _check_records(content, _REPLY_RECORDS[kind], f"reply ({kind})")
@@ -427,7 +444,8 @@ def seeds_specs(spec: ReplySpec, applied_steps: int) -> dict[str, TensorSpec]:
     """The arrays of a "seeds" reply with `applied_steps` applied steps (SeedScalarUpload.to_tensors)."""
     n = applied_steps
     q = spec.q if n else 0  # to_tensors writes seeds of shape (0, 0) when no step was applied
-    return {"client_id": TensorSpec((), torch.int64), "step": TensorSpec((n,), torch.int64),
+    return {"client_id": TensorSpec((), torch.int64), "stream_version": TensorSpec((), torch.int64),
+            "step": TensorSpec((n,), torch.int64),
             "seeds": TensorSpec((n, q), torch.int64), "projected_grads": TensorSpec((n, q), torch.float64),
             **{BUFFER_PREFIX + key: buffer for key, buffer in spec.buffers.items()}}
 

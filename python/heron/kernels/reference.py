@@ -67,18 +67,33 @@ def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * scale
 
 
-def normal_from_words(w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """Box-Muller on the first two words, first output (tl.randn). float32."""
-    u1 = torch.clamp_min(uniform_from_words(w0), MIN_UNIFORM)
-    theta = torch.tensor(TWO_PI, dtype=torch.float32, device=w1.device) * uniform_from_words(w1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+def _box_muller(u_radius: torch.Tensor, u_angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tl.random.pair_uniform_to_normal: (r cos t, r sin t), r = sqrt(-2 log max(u, 1e-7)), t = 2 pi u'."""
+    u = torch.clamp_min(u_radius, MIN_UNIFORM)
+    theta = torch.tensor(TWO_PI, dtype=torch.float32, device=u_angle.device) * u_angle
+    r = torch.sqrt(-2.0 * torch.log(u))
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def normals_from_words(words: torch.Tensor) -> torch.Tensor:
+    """tl.randn4x on Philox words: (n, 4) words (int64 holding [0, 2**32)) -> (n, 4) float32 normals,
+    (n0, n1) from the uniforms of (w0, w1) and (n2, n3) from (w2, w3)."""
+    uniforms = uniform_from_words(words)
+    n0, n1 = _box_muller(uniforms[:, 0], uniforms[:, 1])
+    n2, n3 = _box_muller(uniforms[:, 2], uniforms[:, 3])
+    return torch.stack([n0, n1, n2, n3], dim=-1)
 
 
 def randn(seed: int, offset: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 tensor of shape (numel,) with element i = randn(seed, offset + i)."""
-    counters = offset + torch.arange(numel, dtype=torch.int64, device=device)
-    words = philox_words(seed, counters)
-    return normal_from_words(words[:, 0], words[:, 1])
+    """float32 tensor of shape (numel,) with element i = randn(seed, offset + i): word c % 4 of
+    tl.randn4x(seed, c // 4) for c = offset + i. Whole groups are generated, then sliced."""
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    first_group, last_group = offset // 4, (offset + numel - 1) // 4
+    groups = first_group + torch.arange(last_group - first_group + 1, dtype=torch.int64, device=device)
+    normals = normals_from_words(philox_words(seed, groups)).flatten()
+    start = offset - 4 * first_group
+    return normals[start:start + numel]
 
 
 # ---------------------------------------------------------------------------------------------

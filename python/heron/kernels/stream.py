@@ -1,18 +1,27 @@
 """The perturbation contract: (seed, offset) -> a stream of N(0, 1) numbers, on every backend.
 
-Element ``i`` of a direction keyed by ``(seed, offset)`` is ``randn(seed, offset + i)``, exactly as
-Triton's ``tl.randn(seed, offset + i)`` defines it:
+Stream version 2 (:data:`STREAM_VERSION`). Element ``i`` of a direction keyed by ``(seed, offset)``
+is element ``c = offset + i`` of the stream: word ``c % 4`` of ``tl.randn4x(seed, c // 4)``, exactly
+as Triton defines it:
 
-1. the 64-bit counter ``c = offset + i`` gives the Philox counter words ``(lo32(c), hi32(c), 0, 0)``
+1. the 64-bit group counter ``g = c // 4`` gives the Philox counter words ``(lo32(g), hi32(g), 0, 0)``
    and the seed gives the key ``(lo32(seed), hi32(seed))``;
-2. Philox4x32-10 yields four 32-bit words; the first two become uniforms in [0, 1) (word read as
-   int32, negative values bit-inverted, times 4.6566127342e-10);
-3. Box-Muller: ``sqrt(-2 log max(u1, 1e-7)) * cos(2 pi u2)``.
+2. Philox4x32-10 yields four 32-bit words; each becomes a uniform in [0, 1) (word read as int32,
+   negative values bit-inverted, times 4.6566127342e-10);
+3. Box-Muller on ``(u0, u1)`` and on ``(u2, u3)``: ``r = sqrt(-2 log max(u_even, 1e-7))``,
+   ``t = 2 pi u_odd``; the pair's normals are ``(r cos t, r sin t)``. So one Philox call gives the
+   four normals ``(n0, n1, n2, n3)`` of elements ``4g .. 4g + 3``.
+
+Version 1 (before) used one Philox call per element and only ``r cos t`` of its first two words
+(``tl.randn``); the two streams differ, so data tied to one (checkpoints, seed-and-scalar uploads,
+Flower messages) carries :data:`STREAM_VERSION` and is refused by a heron of another version
+(:func:`check_stream_version`).
 
 Seeds and counters live in [0, 2**63): the counter is 64-bit, so a model with billions of
-parameters never wraps, and both fit torch's int64. The Philox words are bit-identical on every
-backend (C++ CPU, CUDA, Triton, the pure-torch reference); the normals agree to about 1e-6
-(each backend's own log/cos).
+parameters never wraps, and both fit torch's int64. Kernels generate whole groups of four and use
+the elements their range needs; nothing depends on tile sizes or thread counts. The Philox words are
+bit-identical on every backend (C++ CPU, CUDA, Triton, the pure-torch reference); the normals agree
+within 1e-5 (each backend's own log/sin/cos).
 
 A model's direction is one stream: :class:`ParameterLayout` gives each named parameter a stable
 offset, so parameter ``p`` uses counters ``[layout.offset(p), layout.offset(p) + p.numel())``.
@@ -30,10 +39,34 @@ import torch
 from heron.kernels import backends
 from heron.kernels import ops as _ops  # noqa: F401 - registers torch.ops.heron.*
 
+STREAM_VERSION = 2  # the contract above; data tied to the stream carries it
 COUNTER_LIMIT = 2**63
 SEED_LIMIT = 2**63
 STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MASK64 = 2**64 - 1
+
+
+class StreamVersionError(ValueError):
+    """Data made with another perturbation stream version than this heron's."""
+
+
+def check_stream_version(found: object, what: str) -> None:
+    """Refuse `what` (e.g. "checkpoint x.safetensors") unless `found` is this heron's STREAM_VERSION.
+
+    found: the version `what` carries, or None when it carries none (written before versions were
+    recorded, i.e. by a heron of stream version 1). Replaying or resuming it would regenerate
+    different directions than the ones it was made with, so it is never mixed in silently.
+    """
+    if type(found) is int and found == STREAM_VERSION:
+        return
+    if found is None:
+        raise StreamVersionError(
+            f"{what} carries no perturbation stream version: it was written by a heron before stream "
+            f"versions were recorded (stream version 1, one normal per Philox call); this heron uses stream "
+            f"version {STREAM_VERSION} and would regenerate different directions, so it refuses it")
+    raise StreamVersionError(
+        f"{what} was made with perturbation stream version {found!r}; this heron uses stream version "
+        f"{STREAM_VERSION} and would regenerate different directions, so it refuses it")
 
 
 def check_int(value: object, name: str, *, limit: int) -> int:
@@ -133,8 +166,9 @@ def philox_words(
     """The raw Philox4x32-10 words behind the stream, for inspection and tests.
 
     Returns:
-        int64 tensor of shape (n, 4); row i holds words w0..w3 (values in [0, 2**32)) at counter
-        offset + i. randn uses w0 and w1.
+        int64 tensor of shape (n, 4); row i holds words w0..w3 (values in [0, 2**32)) at Philox
+        counter offset + i, i.e. of group g = offset + i, whose normals are stream elements
+        4g .. 4g + 3 (seeded_randn(4, seed, 4 * g)).
     """
     (n,) = _check_shape((n,))
     out = torch.empty((n, 4), dtype=torch.int32, device=_check_device(_as_device(device)))

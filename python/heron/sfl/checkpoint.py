@@ -5,7 +5,9 @@ JSON-serialisable metadata dict, stored as one JSON string under the header meta
 A SHA-256 digest of the whole file is stored beside it (computed with the digest's own 64 hex
 digits written as zeros), so any edited byte -- a tensor, the metadata's round number or history,
 the header -- is refused as corrupt instead of loading wrong numbers or skipping rounds; a file
-without that digest is refused too.
+without that digest is refused too. So is a checkpoint of another perturbation stream version
+(heron.kernels.stream.STREAM_VERSION), or of none: a run's state (ZO optimizer moments, replicas,
+the steps it will replay) is tied to the directions its stream regenerates.
 
 `save_checkpoint` writes a temp file in the target's directory, fsyncs it, renames it over the
 target (os.replace is atomic) and fsyncs the directory: a crash at any point leaves either the old
@@ -28,9 +30,12 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
+from heron.kernels.stream import STREAM_VERSION, StreamVersionError, check_stream_version
+
 METADATA_KEY = "heron"
 DIGEST_KEY = "heron.file-sha256"  # the whole file's SHA-256 (earlier versions wrote "heron.sha256", tensors only)
 _DIGEST_PLACEHOLDER = "0" * 64
+STREAM_VERSION_KEY = "heron.stream_version"
 SUFFIX = ".safetensors"
 
 
@@ -50,7 +55,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Any], metadat
     """
     path = Path(path)
     flat = flatten_tensors(tensors)
-    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: _DIGEST_PLACEHOLDER}
+    header = {METADATA_KEY: _encode_metadata(metadata), DIGEST_KEY: _DIGEST_PLACEHOLDER,
+              STREAM_VERSION_KEY: str(STREAM_VERSION)}
     payload = bytearray(safetensors.torch.save(flat, metadata=header))
     start = _digest_position(payload)
     payload[start:start + len(_DIGEST_PLACEHOLDER)] = hashlib.sha256(payload).hexdigest().encode()
@@ -170,7 +176,8 @@ def _fsync_directory(directory: Path) -> None:
 def load_checkpoint(path: str | os.PathLike, *, expected_metadata: Mapping[str, Any] | None = None,
                     expected_shapes: Mapping[str, Any] | None = None,
                     expected_dtypes: Mapping[str, torch.dtype] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(nested dict of CPU tensors, metadata) from a checkpoint written by save_checkpoint.
+    """(nested dict of CPU tensors, metadata) from a checkpoint written by save_checkpoint (with this
+    heron's stream version).
 
     expected_metadata: each of its keys must hold an equal value in the stored metadata (nested
     dicts are compared key by key). expected_shapes: {key: shape}, flat "/"-joined or nested;
@@ -182,6 +189,7 @@ def load_checkpoint(path: str | os.PathLike, *, expected_metadata: Mapping[str, 
         raise CheckpointError(f"checkpoint {path} does not exist")
     flat, header = _read(path)
     metadata = _decode_metadata(path, header)
+    _check_stream_version(path, header)
     if expected_metadata is not None:
         _check_metadata(path, metadata, expected_metadata)
     if expected_shapes is not None:
@@ -240,6 +248,14 @@ def _decode_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise CheckpointError(f"checkpoint {path} is corrupt: its {METADATA_KEY!r} metadata is not a JSON object")
     return metadata
+
+
+def _check_stream_version(path: Path, header: Mapping[str, str]) -> None:
+    stored = header.get(STREAM_VERSION_KEY)
+    try:
+        check_stream_version(int(stored) if stored is not None and stored.isdigit() else stored, f"checkpoint {path}")
+    except StreamVersionError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _check_digest(path: Path, payload: bytes, header: Mapping[str, str]) -> None:

@@ -10,7 +10,9 @@ the same backend and device, and agree within float tolerance across backends (t
 stream is the same everywhere).
 
 Scalars travel as float64, the exact Python floats the client passed to `apply` (the kernels round
-them to float32 themselves), so replay is exact without depending on that rounding.
+them to float32 themselves), so replay is exact without depending on that rounding. An upload
+carries the client's perturbation stream version (heron.kernels.stream.STREAM_VERSION): seeds only mean
+something under the stream that regenerates them, so an upload of another version is refused.
 
 Only ZOUpdater clients (method "heron") can upload seeds. MeZOUpdater cannot: its in-place
 +mu / -2mu / +mu perturbation leaves float rounding residue in the parameters, which a replay
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from heron.kernels import functional as HF
+from heron.kernels.stream import STREAM_VERSION, check_stream_version
 from heron.sfl.roles import Client, ClientRoundResult, tensor_bytes
 from heron.zo.updaters import ZOUpdater
 
@@ -96,8 +99,9 @@ class SeedScalarUpload:
     scalars), in order; skipped steps are absent. buffers: the state entries not trained by the
     updater that can change during a round (StateKeys.buffers), by state_dict key.
 
-    As tensors (`to_tensors`): "client_id" int64 (), "step" int64 (n,), "seeds" int64 (n, q),
-    "projected_grads" float64 (n, q), and "buffer/<state key>" for each buffer.
+    As tensors (`to_tensors`): "client_id" int64 (), "stream_version" int64 () (STREAM_VERSION),
+    "step" int64 (n,), "seeds" int64 (n, q), "projected_grads" float64 (n, q), and
+    "buffer/<state key>" for each buffer.
     """
 
     client_id: int
@@ -123,6 +127,7 @@ class SeedScalarUpload:
                                  f"zo_steps[0] has {q} of each")
         tensors = {
             "client_id": torch.tensor(self.client_id, dtype=torch.int64),
+            "stream_version": torch.tensor(STREAM_VERSION, dtype=torch.int64),
             "step": torch.tensor([s for s, _, _ in self.zo_steps], dtype=torch.int64).reshape(n),
             "seeds": torch.tensor([list(s) for _, s, _ in self.zo_steps], dtype=torch.int64).reshape(n, q),
             "projected_grads": torch.tensor([list(g) for _, _, g in self.zo_steps],
@@ -146,11 +151,12 @@ class SeedScalarUpload:
         for key, value in tensors.items():
             if not isinstance(key, str):
                 raise ValueError(f"seed-and-scalar upload: keys must be str, got {type(key).__name__} {key!r}")
-            if key not in required and not key.startswith(BUFFER_PREFIX):
+            if key not in required and key != "stream_version" and not key.startswith(BUFFER_PREFIX):
                 raise ValueError(f"seed-and-scalar upload: unexpected key {key!r}; keys are {', '.join(required)} "
                                  f"and {BUFFER_PREFIX}<state key>")
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"seed-and-scalar upload: {key!r} must be a torch.Tensor, got {type(value).__name__}")
+        _check_upload_version(tensors.get("stream_version"))
         missing = [key for key in required if key not in tensors]
         if missing:
             raise ValueError(f"seed-and-scalar upload: missing key {missing[0]!r} (required: {', '.join(required)})")
@@ -183,6 +189,13 @@ class SeedScalarUpload:
         records = [(int(s), [int(v) for v in row_s], [float(v) for v in row_g])
                    for s, row_s, row_g in zip(steps, seeds.tolist(), grads.tolist(), strict=True)]
         return cls(int(client_id), records, buffers)
+
+
+def _check_upload_version(version: torch.Tensor | None) -> None:
+    """An upload's "stream_version" (None: absent) must be this heron's STREAM_VERSION."""
+    if version is not None and (version.dtype != torch.int64 or version.dim() != 0):
+        raise _fail("stream_version", "an int64 scalar (shape ())", version)
+    check_stream_version(None if version is None else int(version), "seed-and-scalar upload")
 
 
 def _check_buffers(buffers: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
