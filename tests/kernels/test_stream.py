@@ -414,31 +414,21 @@ class TestStreamVersion:
         assert issubclass(StreamVersionError, ValueError)
         check_stream_version(2, "the thing")
 
-    @staticmethod
-    def _rewrite_header(path, **changes):
-        import safetensors.torch
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as file:
-            header = dict(file.metadata())
-            tensors = {name: file.get_tensor(name) for name in file.keys()}
-        for key, value in changes.items():
-            header.pop(key, None)
-            if value is not None:
-                header[key] = value
-        safetensors.torch.save_file(tensors, str(path), metadata=header)
-
-    @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
-                                                     ("1", "perturbation stream version 1")])
-    def test_checkpoint_of_another_version_is_refused(self, tmp_path, version, match):
-        from heron.sfl.checkpoint import STREAM_VERSION_KEY, CheckpointError, load_checkpoint, save_checkpoint
+    def test_checkpoint_of_another_version_is_refused(self, tmp_path, monkeypatch):
+        """A checkpoint written, intact, by a heron of stream version 1. (Files written before versions
+        were recorded carry no whole-file digest either, and are refused for that:
+        tests/sfl/test_checkpoint.py.)"""
+        from heron.sfl import checkpoint
+        from heron.sfl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
         path = tmp_path / "c.safetensors"
         save_checkpoint(path, {"w": torch.ones(3)}, {"round": 1})
         tensors, metadata = load_checkpoint(path)
         assert metadata == {"round": 1}
-        self._rewrite_header(path, **{STREAM_VERSION_KEY: version})
-        with pytest.raises(CheckpointError, match=match):
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, "STREAM_VERSION", 1)
+            save_checkpoint(path, {"w": torch.ones(3)}, {"round": 1})
+        with pytest.raises(CheckpointError, match="perturbation stream version 1"):
             load_checkpoint(path)
 
     @pytest.mark.parametrize(("version", "match"), [(None, "carries no perturbation stream version"),
