@@ -7,13 +7,10 @@ Shapes of linear layers are (M, N, K) everywhere: x (M, K), weight (N, K), outpu
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.utils._python_dispatch
-import torch.utils._pytree
 
 from heron.kernels import backends
 from heron.kernels.launchers import launcher_function
@@ -264,52 +261,3 @@ def reference_direction(updater, step: int = 0, j: int = 0) -> dict[str, torch.T
         direction[entry.name] = reference.lowrank_direction(u, v).reshape(entry.shape)
     return direction
 
-
-# ---------------------------------------------------------------------------------------------
-# Memory taken by a call
-# ---------------------------------------------------------------------------------------------
-
-class _AllocationTracker(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes of the storages ATen allocates while active (ops whose outputs alias no input),
-    live until the last tensor viewing them dies, and keeps their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors viewing it]
-        self.current = self.peak = 0
-
-    def _release(self, address: int) -> None:
-        entry = self.live[address]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[address]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        fresh = all(r.alias_info is None for r in func._schema.returns)
-        for t in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.untyped_storage().nbytes() == 0:
-                continue
-            address = t.untyped_storage().data_ptr()
-            if address in self.live:
-                self.live[address][1] += 1
-            elif fresh:
-                self.live[address] = [t.untyped_storage().nbytes(), 1]
-                self.current += t.untyped_storage().nbytes()
-                self.peak = max(self.peak, self.current)
-            else:
-                continue
-            weakref.finalize(t, self._release, address)
-        return out
-
-
-def peak_allocated_bytes(function, *args, **kwargs):
-    """(function's result, the peak bytes of the tensors ATen allocated during the call, results included).
-
-    Device-agnostic: it watches ATen's allocations (torch dispatch), so a C++ launcher that allocates
-    through ATen is seen too; memory a kernel mallocs itself is not."""
-    tracker = _AllocationTracker()
-    with tracker:
-        result = function(*args, **kwargs)
-    return result, tracker.peak
