@@ -3,7 +3,8 @@ device-agnostic, so run here on CPU tensors with each backend's generator launch
 
 Full rank: W + mu Z (two inputs) or Z (shared input) for a chunk of output rows into a scratch bounded
 by the budget, then a BLAS GEMM into that slice of y_pert; budgets from one row per chunk to the whole
-layer in one chunk; the scratch measured (heron.profiling.memory.peak_memory less the outputs) equals the planned bytes and
+layer in one chunk; the scratch measured
+(heron.profiling.memory.peak_memory less the outputs) equals the planned bytes and
 stays within the budget whatever N. LoRA and low rank: the frozen product by the BLAS, the rank-r factors
 generated small, no N x K tensor.
 
@@ -151,7 +152,7 @@ def test_scratch_is_the_planned_bytes_within_the_budget(dtype, shared, rows):
         chunks = chunked.row_chunks(n, k, dtype, budget)
         assert chunks.rows == (n if rows is None else rows)
         inputs = linear_inputs((m, n, k), dtype, shared=shared)
-        (y_base, y_pert), peak = peak_memory(lambda: chunked.perturbed_linear(
+        (y_base, y_pert), peak = peak_memory(lambda inputs=inputs, chunks=chunks: chunked.perturbed_linear(
             **inputs.operands(), **KEYS, chunks=chunks, generator=generator("cpu")))
         scratch = peak - y_base.nbytes - y_pert.nbytes
         assert scratch == chunks.scratch_bytes == chunks.rows * row_bytes(k, dtype) <= budget
