@@ -94,11 +94,12 @@ def low_rank_rows(device: str, dtype: torch.dtype, shapes, backends, rounds: int
             calls[("lowrank", 8, name)] = (lambda x=x, x_pert=x_pert, w=w, b=b, name=name: HF.lowrank_perturbed_linear(
                 x, w, b, seed=SEED, rank=8, mu=MU, x_pert=x_pert, backend=name))
         times = median_times([floor, *calls.values()], device, rounds)
+        out_bytes = 2 * m * k * x.element_size()
         for (op, rank, name), seconds in zip(calls, times[1:], strict=True):
             rows.append({"op": f"{op}_perturbed_linear", "path": "two-inputs", "impl": f"heron-{name}", "rank": rank,
                          "dtype": str(dtype).removeprefix("torch."), "m": m, "k": k, "n": k, "seconds": seconds,
                          "floor_seconds": times[0], "over_floor": seconds / times[0],
-                         "scratch_bytes": peak_memory(calls[(op, rank, name)], device)[1] - 2 * m * k * x.element_size()})
+                         "scratch_bytes": peak_memory(calls[(op, rank, name)], device)[1] - out_bytes})
     return rows
 
 
