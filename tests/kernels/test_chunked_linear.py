@@ -187,7 +187,7 @@ def test_the_budget_is_set_globally_and_per_call():
 
 
 @pytest.mark.parametrize(("budget", "error", "message"), [
-    (-1, ValueError, "scratch_budget must be non-negative, got -1"),
+    (-1, ValueError, "scratch_budget must be non-negative and below 2..63, got -1"),
     (1.5, TypeError, "scratch_budget must be an integer, got float 1.5"),
     (True, TypeError, "scratch_budget must be an integer, got bool"),
 ])

@@ -29,16 +29,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from heron.kernels.stream import check_int
-
 DEFAULT_SCRATCH_BUDGET = 32 << 20  # bytes
 _BUDGET_LIMIT = 2**63
 _scratch_budget = DEFAULT_SCRATCH_BUDGET
 
 
 def check_budget(nbytes: object) -> int:
-    """`nbytes` as a scratch budget (an int >= 0), or a TypeError / ValueError naming scratch_budget."""
-    return check_int(nbytes, "scratch_budget", limit=_BUDGET_LIMIT)
+    """`nbytes` as a scratch budget (a Python int in [0, 2**63)), or a TypeError / ValueError naming
+    scratch_budget. (Not stream.check_int: the launchers import this module, and stream imports them.)"""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"scratch_budget must be an integer, got {type(nbytes).__name__} {nbytes!r}")
+    if not 0 <= nbytes < _BUDGET_LIMIT:
+        raise ValueError(f"scratch_budget must be non-negative and below 2**63, got {nbytes}")
+    return nbytes
 
 
 def get_scratch_budget() -> int:
