@@ -260,3 +260,4 @@ def reference_direction(updater, step: int = 0, j: int = 0) -> dict[str, torch.T
                                          v_offset=v_offset, device="cpu")
         direction[entry.name] = reference.lowrank_direction(u, v).reshape(entry.shape)
     return direction
+

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from heron.kernels import backends
+from heron.kernels import backends, chunked
 from heron.kernels.ops import FLOAT_DTYPES  # importing ops registers torch.ops.heron.*
 from heron.kernels.stream import COUNTER_LIMIT, check_int, check_key
 
@@ -149,6 +149,7 @@ def _unflatten(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def perturbed_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, seed: int, offset: int = 0,
     mu: float, x_pert: torch.Tensor | None = None, bias_offset: int | None = None, backend: str | None = None,
+    scratch_budget: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Base and perturbed streams of a linear layer in one pass over the weights.
 
@@ -163,20 +164,37 @@ def perturbed_linear(
             perturbed layer): then y_pert = y_base + mu * x @ Z.T + mu z_b and x is read once.
         bias_offset: z_b[o] = randn(seed, bias_offset + o); default offset + out*in.
         backend: None (best for the device) or "triton" / "cuda" / "cpu" / "torch".
+        scratch_budget: on CUDA tensors, the bytes of perturbation scratch the op may take
+            (heron.kernels.chunked: W + mu Z for chunks of output rows, then cuBLAS); None: the global
+            budget (chunked.set_scratch_budget, 32 MiB by default); 0: the fused kernel, no scratch.
+            perturbed_linear_scratch_bytes says what a call takes. CPU tensors ignore it.
     Returns:
         (y_base, y_pert), each (..., out) in x's dtype (float32 accumulation).
     Non-contiguous inputs are copied to contiguous ones first.
     """
     x2d, xp2d = _check_linear_inputs(x, weight, bias, x_pert)
     mu = check_scalar(mu, "mu", nonzero=True)
+    scratch_budget = None if scratch_budget is None else chunked.check_budget(scratch_budget)
     out_features, in_features = weight.shape
     seed, offset = check_key(seed, offset, out_features * in_features, offset_name="offset")
     bias_offset = offset + out_features * in_features if bias_offset is None else bias_offset
     _, bias_offset = check_key(seed, bias_offset, out_features, offset_name="bias_offset")
     y_base, y_pert = torch.ops.heron.perturbed_linear(
         x_base=x2d, x_pert=xp2d, weight=_frozen(weight), bias=_frozen(bias), seed=seed, weight_offset=offset,
-        bias_offset=bias_offset, mu=mu, backend=_backend_name(backend, x.device))
+        bias_offset=bias_offset, mu=mu, backend=_backend_name(backend, x.device), scratch_budget=scratch_budget)
     return _unflatten(y_base, x), _unflatten(y_pert, x)
+
+
+def perturbed_linear_scratch_bytes(weight: torch.Tensor, *, scratch_budget: int | None = None) -> int:
+    """Bytes of perturbation scratch perturbed_linear takes on CUDA tensors for `weight` (N, K) beyond its
+    two outputs: rows * (K + 1) elements of weight's dtype for the largest chunk of rows within the budget
+    (None: the global one), or 0 where the fused kernel runs (budget 0, or below one row)."""
+    _check_float_tensor(weight, "weight")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {_describe(weight)}")
+    budget = chunked.get_scratch_budget() if scratch_budget is None else chunked.check_budget(scratch_budget)
+    chunks = chunked.row_chunks(*weight.shape, weight.dtype, budget)
+    return 0 if chunks is None else chunks.scratch_bytes
 
 
 def lowrank_offsets(offset: int, out_features: int, rank: int) -> tuple[int, int]:

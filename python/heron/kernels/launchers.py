@@ -9,13 +9,14 @@ contract to heron.kernels.reference (plain PyTorch, any device, the last fallbac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from heron.kernels import backends, reference
+from heron.kernels import backends, chunked, reference
 
 
 class Launcher:
@@ -33,6 +34,67 @@ class Launcher:
 
     def __repr__(self) -> str:
         return f"Launcher({self.module.__name__}, {self.name!r})"
+
+
+class Routed:
+    """A compiled backend's launcher of a linear op: `route(fused, backend, **arguments)` picks the backend's
+    fused launcher or the chunked path; it exists where the fused launcher does."""
+
+    def __init__(self, route: Callable, backend: str, fused: Launcher):
+        self.route, self.backend, self.fused = route, backend, fused
+
+    def function(self) -> Callable | None:
+        return None if self.fused.function() is None else functools.partial(self.route, self.fused, self.backend)
+
+    def __call__(self, **arguments):
+        return self.route(self.fused, self.backend, **arguments)
+
+    def __repr__(self) -> str:
+        return f"Routed({self.route.__name__}, {self.backend!r}, {self.fused!r})"
+
+
+def generator(backend: str) -> chunked.Generator:
+    """`backend`'s generator launchers, for heron.kernels.chunked."""
+    return chunked.Generator(LAUNCHERS["philox_randn_"][backend], LAUNCHERS["perturb_"][backend])
+
+
+def _on_gpu(x: Tensor) -> bool:
+    return x.device.type == "cuda"
+
+
+def perturbed_linear_route(fused: Launcher, backend: str, x_base: Tensor, x_pert: Tensor | None, weight: Tensor,
+                           bias: Tensor | None, *, seed: int, weight_offset: int, bias_offset: int, mu: float,
+                           scratch_budget: int | None) -> tuple[Tensor, Tensor]:
+    budget = chunked.get_scratch_budget() if scratch_budget is None else chunked.check_budget(scratch_budget)
+    chunks = chunked.row_chunks(*weight.shape, weight.dtype, budget) if _on_gpu(x_base) else None
+    keys = {"seed": seed, "weight_offset": weight_offset, "bias_offset": bias_offset, "mu": mu}
+    if chunks is None:
+        return fused(x_base=x_base, x_pert=x_pert, weight=weight, bias=bias, **keys)
+    return chunked.perturbed_linear(x_base, x_pert, weight, bias, **keys, chunks=chunks, generator=generator(backend))
+
+
+def lowrank_perturbed_linear_route(fused: Launcher, backend: str, x_base: Tensor, x_pert: Tensor | None,
+                                   weight: Tensor, bias: Tensor | None, *, seed: int, bias_offset: int, mu: float,
+                                   rank: int, u_seed: int, u_offset: int, v_offset: int) -> tuple[Tensor, Tensor]:
+    keys = {"seed": seed, "bias_offset": bias_offset, "mu": mu, "rank": rank, "u_seed": u_seed, "u_offset": u_offset,
+            "v_offset": v_offset}
+    if not _on_gpu(x_base):
+        return fused(x_base=x_base, x_pert=x_pert, weight=weight, bias=bias, **keys)
+    return chunked.lowrank_perturbed_linear(x_base, x_pert, weight, bias, **keys, generator=generator(backend))
+
+
+def lora_perturbed_linear_route(fused: Launcher, backend: str, x_base: Tensor, x_pert: Tensor | None, weight: Tensor,
+                                bias: Tensor | None, lora_a: Tensor, lora_b: Tensor, *, scale: float, seed: int,
+                                a_offset: int, b_offset: int, mu: float) -> tuple[Tensor, Tensor]:
+    keys = {"scale": scale, "seed": seed, "a_offset": a_offset, "b_offset": b_offset, "mu": mu}
+    if not _on_gpu(x_base):
+        return fused(x_base=x_base, x_pert=x_pert, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, **keys)
+    return chunked.lora_perturbed_linear(x_base, x_pert, weight, bias, lora_a, lora_b, **keys,
+                                         generator=generator(backend))
+
+
+def _routed(route: Callable, launchers: dict[str, Launcher]) -> dict[str, Routed]:
+    return {backend: Routed(route, backend, fused) for backend, fused in launchers.items()}
 
 
 def _triton(name: str) -> Launcher:
@@ -56,7 +118,8 @@ def philox_words_torch(out: Tensor, *, seed: int, offset: int) -> None:
 
 
 def perturbed_linear_torch(x_base: Tensor, x_pert: Tensor | None, weight: Tensor, bias: Tensor | None, *, seed: int,
-                           weight_offset: int, bias_offset: int, mu: float) -> tuple[Tensor, Tensor]:
+                           weight_offset: int, bias_offset: int, mu: float,
+                           scratch_budget: int | None) -> tuple[Tensor, Tensor]:
     return reference.perturbed_linear(x_base, weight, bias, seed=seed, offset=weight_offset, bias_offset=bias_offset,
                                       mu=mu, x_pert=x_pert)
 
@@ -125,15 +188,15 @@ LAUNCHERS: dict[str, dict[str, Callable]] = {
                       "cpu": _compiled("philox_randn_cpu"), "torch": philox_randn_torch},
     "philox_words_": {"triton": _triton("philox_words"), "cuda": _compiled("philox_words_cuda"),
                       "cpu": _compiled("philox_words_cpu"), "torch": philox_words_torch},
-    "perturbed_linear": {"triton": _triton("perturbed_linear"), "cuda": _compiled("perturbed_linear_cuda"),
-                         "cpu": _compiled("perturbed_linear_cpu"), "torch": perturbed_linear_torch},
-    "lowrank_perturbed_linear": {"triton": _triton("lowrank_perturbed_linear"),
-                                 "cuda": _compiled("lowrank_perturbed_linear_cuda"),
-                                 "cpu": _compiled("lowrank_perturbed_linear_cpu"),
-                                 "torch": lowrank_perturbed_linear_torch},
-    "lora_perturbed_linear": {"triton": _triton("lora_perturbed_linear"),
-                              "cuda": _compiled("lora_perturbed_linear_cuda"),
-                              "cpu": _compiled("lora_perturbed_linear_cpu"), "torch": lora_perturbed_linear_torch},
+    "perturbed_linear": {**_routed(perturbed_linear_route, {
+        "triton": _triton("perturbed_linear"), "cuda": _compiled("perturbed_linear_cuda"),
+        "cpu": _compiled("perturbed_linear_cpu")}), "torch": perturbed_linear_torch},
+    "lowrank_perturbed_linear": {**_routed(lowrank_perturbed_linear_route, {
+        "triton": _triton("lowrank_perturbed_linear"), "cuda": _compiled("lowrank_perturbed_linear_cuda"),
+        "cpu": _compiled("lowrank_perturbed_linear_cpu")}), "torch": lowrank_perturbed_linear_torch},
+    "lora_perturbed_linear": {**_routed(lora_perturbed_linear_route, {
+        "triton": _triton("lora_perturbed_linear"), "cuda": _compiled("lora_perturbed_linear_cuda"),
+        "cpu": _compiled("lora_perturbed_linear_cpu")}), "torch": lora_perturbed_linear_torch},
     "zo_sgd_update_": {"triton": _triton("zo_sgd_update_"), "cuda": _compiled("zo_sgd_update_cuda"),
                        "cpu": _compiled("zo_sgd_update_cpu"), "torch": zo_sgd_update_torch},
     "lowrank_zo_sgd_update_": {"triton": _triton("lowrank_zo_sgd_update_"),
@@ -153,4 +216,4 @@ LAUNCHERS: dict[str, dict[str, Callable]] = {
 def launcher_function(op: str, backend: str) -> Callable | None:
     """The function that runs `op` on `backend`, or None when that backend's module is missing or lacks it."""
     launcher = LAUNCHERS[op][backend]
-    return launcher.function() if isinstance(launcher, Launcher) else launcher
+    return launcher.function() if isinstance(launcher, (Launcher, Routed)) else launcher

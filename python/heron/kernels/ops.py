@@ -219,9 +219,12 @@ def philox_words_(out: Tensor, *, seed: int, offset: int, backend: str) -> None:
 
 @define_op(shapes=_linear_shapes)
 def perturbed_linear(x_base: Tensor, x_pert: Tensor | None, weight: Tensor, bias: Tensor | None, *, seed: int,
-                     weight_offset: int, bias_offset: int, mu: float, backend: str) -> tuple[Tensor, Tensor]:
+                     weight_offset: int, bias_offset: int, mu: float, backend: str,
+                     scratch_budget: int | None = None) -> tuple[Tensor, Tensor]:
     """(y_base, y_pert), (M, N) each, for x_base (M, K), x_pert like it or None (shared), weight (N, K), bias (N,):
-    y_base = x_base @ W.T + b;  y_pert = x_pert @ (W + mu Z).T + b + mu z_b, Z keyed (seed, weight_offset)."""
+    y_base = x_base @ W.T + b;  y_pert = x_pert @ (W + mu Z).T + b + mu z_b, Z keyed (seed, weight_offset).
+    scratch_budget: bytes of perturbation scratch the GPU route may take (heron.kernels.chunked; None: the
+    global budget, 0: the fused kernel); CPU tensors ignore it."""
 
 
 @define_op(shapes=_lowrank_linear_shapes)
