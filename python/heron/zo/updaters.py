@@ -16,6 +16,9 @@ Replaying a ZO run: direction j of step t has seed `derive_seed(seed, t, j)`; wi
 perturbation="lowrank" the U factors of step t use `derive_seed(seed, U_STREAM, t // lazy_steps)`.
 The estimate of step t is `StepResult.projected_grads` (one scalar per direction), so the updater's
 parameters after any number of steps are determined by (initial parameters, seed, the scalars).
+Replaying a MeZO-style run: `MeZOUpdater.apply` repeats each step's in-place +mu / -2mu / +mu cycle
+(whose float rounding leaves residue in the parameters) and its update, from the same seeds and
+scalars, with the same torch.Generator on the same device: the parameters come out bit for bit.
 """
 
 from __future__ import annotations
@@ -577,6 +580,7 @@ class MeZOUpdater(_Updater):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
         self.mu = HF.check_scalar(mu, "mu", nonzero=True)
         self.q = q
+        self.betas, self.eps = betas, eps
         self.optimizer_name = _choice(optimizer, "optimizer", OPTIMIZERS)
         self.optimizer = (None if optimizer == "sgd" else
                           _torch_optimizer(optimizer, self.parameters(), self.lr, self.weight_decay, betas, eps))
@@ -592,7 +596,7 @@ class MeZOUpdater(_Updater):
         args, kwargs, targets = _split_batch(batch)
         capture = _CutCapture(self.model, self.cut)
         snapshot = _BufferSnapshot(self.model)
-        seeds = [derive_seed(self.seed, self.steps, j) for j in range(self.q)]
+        seeds = self.direction_seeds(self.steps)
         grads, losses, smashed = [], [], None
         try:
             for seed in seeds:
@@ -619,6 +623,25 @@ class MeZOUpdater(_Updater):
         self._update(seeds, grads)
         self.steps += 1
         return result
+
+    def direction_seeds(self, step: int) -> list[int]:
+        """The torch.Generator seeds of step `step`'s q directions."""
+        return [derive_seed(self.seed, step, j) for j in range(self.q)]
+
+    @torch.no_grad()
+    def apply(self, step: int, seeds: list[int], grads: list[float] | None) -> None:
+        """Replay step `step` from its seeds and projected-gradient scalars (StepResult.seeds,
+        .projected_grads): each direction's +mu / -2mu / +mu cycle, as `step` ran it between its
+        forwards, then the update. grads None replays a skipped step: its cycle ran (and left its
+        rounding residue), its update did not, and the step count stays."""
+        for seed in seeds:
+            self._perturb(seed, self.mu)
+            self._perturb(seed, -2 * self.mu)
+            self._perturb(seed, self.mu)
+        if grads is None:
+            return
+        self._update(seeds, grads)
+        self.steps = step + 1
 
     def _update(self, seeds: list[int], grads: list[float]) -> None:
         params = self.parameters()
