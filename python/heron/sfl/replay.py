@@ -222,7 +222,7 @@ def replica_arguments(updater: ZOUpdater | MeZOUpdater) -> dict[str, Any]:
             "lr": updater.lr, "weight_decay": updater.weight_decay, "betas": updater.betas, "eps": updater.eps,
             "seed": updater.seed, "params": list(updater.param_names), "perturbation": updater.perturbation,
             "rank": updater.rank or None, "lazy_steps": updater.lazy_steps, "backend": updater.backend,
-            "schedule": updater.schedule, "executor": updater.requested_executor}
+            "schedule": updater.schedule, "executor": updater.requested_executor, "conv_chunks": updater.conv_chunks}
 
 
 def _no_loss(*args: Any) -> torch.Tensor:

@@ -244,6 +244,12 @@ class ZOUpdater(_Updater):
             directions, full or low-rank; same losses up to rounding).
         executor: "auto" (torch.fx's dual-stream executor when the model traces, else the generic
             one), "fx" or "generic"; see heron.zo.coverage and `plan()`.
+        conv_chunks: True (default) runs a Conv2d whose input or output exceeds a few MiB in batch
+            chunks of 2 MiB (heron.zo.dual), so it holds no whole-batch transient beside its output:
+            the memory the dual schedule's 2 activations and the sequential one's 1 need. False runs
+            every convolution on the whole batch, one call per stream: a transient of about twice
+            its output, but 1 call instead of dozens, which is what is fast under a caching allocator
+            (jemalloc, a GPU's) and on a contended CPU, where every parallel call waits for all threads.
 
     Dropout: every forward of a step starts from the random generators' state at the step's start,
     and both streams of a call draw the same numbers, so module and functional dropout apply the
@@ -255,9 +261,12 @@ class ZOUpdater(_Updater):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
                  params: Iterable | None = None, perturbation: str = "full", rank: int | None = None,
                  lazy_steps: int = 1, cut: str | None = None, backend: str | None = None,
-                 schedule: str = "dual", executor: str = "auto"):
+                 schedule: str = "dual", executor: str = "auto", conv_chunks: bool = True):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut)
         self.schedule = _choice(schedule, "schedule", SCHEDULES)
+        if not isinstance(conv_chunks, bool):
+            raise TypeError(f"conv_chunks must be True or False, got {conv_chunks!r}")
+        self.conv_chunks = conv_chunks
         self.mu = HF.check_scalar(mu, "mu", nonzero=True)
         if isinstance(q, bool) or not isinstance(q, int) or q < 1:
             raise ValueError(f"q must be a positive int, got {q!r}")
@@ -335,7 +344,7 @@ class ZOUpdater(_Updater):
 
     def _perturbation(self, ids: dict[int, str], seed: int, scale: float, u_seed: int, stream: str) -> Perturbation:
         return Perturbation(self.layout, seed, scale, self.rank, u_seed, self.backend, stream=stream, names=ids,
-                            lowrank_names=frozenset(self.lowrank_names))
+                            lowrank_names=frozenset(self.lowrank_names), conv_chunks=self.conv_chunks)
 
     def _run(self, args: tuple, kwargs: dict, targets: Any, pert: Perturbation, keep_cut: bool):
         """One forward of the model on the batch in pert's stream, and its loss in the same stream:
