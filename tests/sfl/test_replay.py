@@ -107,12 +107,12 @@ def test_replica_arguments_cover_the_updater_constructor():
     assert set(replica_arguments(updater)) == constructor
 
 
-def _digits_client(optimizer: str, q: int) -> Client:
+def _digits_client(optimizer: str, q: int, updater_class: type = ZOUpdater) -> Client:
     digits = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     model = cnn_split(1, 10, 8, width=8).client_with_aux()
-    updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, q=q, optimizer=optimizer, lr=1e-3, seed=11,
-                        cut="0")
+    updater = updater_class(model, nn.functional.cross_entropy, mu=1e-3, q=q, optimizer=optimizer, lr=1e-3, seed=11,
+                            cut="0")
     batches = ClientBatches(digits.x_train[:300], digits.y_train[:300], 32, seed=0, client_id=2)
     return Client(2, model, updater, batches, local_steps=4, upload_every=2)
 
@@ -351,19 +351,9 @@ def test_mezo_apply_replays_perturbation_cycle_bit_exactly(kwargs):
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(replayed["state"][index][key])), key
 
 
-def _digits_mezo_client(optimizer: str, q: int) -> Client:
-    digits = load_dataset("digits", seed=0)
-    torch.manual_seed(0)
-    model = cnn_split(1, 10, 8, width=8).client_with_aux()
-    updater = MeZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, q=q, optimizer=optimizer, lr=1e-3, seed=11,
-                          cut="0")
-    batches = ClientBatches(digits.x_train[:300], digits.y_train[:300], 32, seed=0, client_id=2)
-    return Client(2, model, updater, batches, local_steps=4, upload_every=2)
-
-
 @pytest.mark.parametrize("optimizer,q", [("sgd", 1), ("adam", 2)])
 def test_mezo_replica_rebuilds_client_state_bit_for_bit_over_rounds(optimizer, q):
-    client = _digits_mezo_client(optimizer, q)
+    client = _digits_client(optimizer, q, MeZOUpdater)
     replica = ClientReplica.from_updater(client.updater, client_id=2)
     assert isinstance(replica.updater, MeZOUpdater)
     broadcast = {k: v.clone() for k, v in client.model.state_dict().items()}
