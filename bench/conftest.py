@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from heron.profiling.environment import environment as heron_environment
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -35,12 +37,8 @@ def pytest_sessionfinish(session, exitstatus):
     if not _ROWS:
         return
     RESULTS_DIR.mkdir(exist_ok=True)
-    environment = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
+    # threads and the allocator (LD_PRELOAD=libjemalloc.so.2 to run under jemalloc) come with it
+    environment = {**heron_environment(), "cpu": platform.processor() or platform.machine()}
     suffix = "cuda" if torch.cuda.is_available() else "cpu"
     for table, rows in _ROWS.items():
         path = RESULTS_DIR / f"{table}_{suffix}.json"

@@ -4,6 +4,7 @@ caller's model untouched, and the `heron profile` command's JSON."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -95,3 +96,51 @@ def test_time_is_read_from_the_given_clock():
     profiles = profile_steps({"zo": ZOUpdater(mlp(), nn.functional.cross_entropy, lr=0.1, seed=0)}, BATCH,
                              warmup=0, repeats=3, clock=lambda: float(next(ticks)))
     assert profiles["zo"].time_s == 1.0
+
+
+def test_environment_names_the_allocator_and_threads():
+    """Allocator claims need the allocator: jemalloc (or tcmalloc) when mapped into the process, else glibc."""
+    from heron.profiling.environment import allocator_of, environment
+
+    jemalloc = "7f00-7f10 r-xp 00000000 08:01 42 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    glibc = "7f00-7f10 r-xp 00000000 08:01 43 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+    assert allocator_of(glibc + jemalloc) == "jemalloc"
+    assert allocator_of(glibc + jemalloc.replace("libjemalloc", "libtcmalloc_minimal")) == "tcmalloc"
+    assert allocator_of(glibc) == "glibc"
+    env = environment()
+    assert env["threads"] == torch.get_num_threads()
+    assert env["allocator"] in ("glibc", "jemalloc", "tcmalloc")
+    assert "malloc_conf" in env
+
+
+def test_profile_command_threads_option(tmp_path):
+    path = tmp_path / "profile.json"
+    threads = torch.get_num_threads()
+    assert main(["profile", "--model", "resnet18-paper", "--batch", "2", "--updaters", "zo", "--warmup", "0",
+                 "--repeats", "1", "--threads", "1", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["environment"]["threads"] == 1
+    assert torch.get_num_threads() == threads  # restored for the caller
+
+
+def test_full_parameter_transformer_preset():
+    """gpt2m-full: GPT-2 blocks trained whole (no LoRA), the LM head folded into the loss for the
+    forward-only updaters; every updater steps it (a tiny config here; the preset's default is
+    GPT-2 Medium's shapes)."""
+    from heron.kernels.nn import LoRALinear
+    from heron.models import GPT2Config
+    from heron.profiling.presets import build_config, build_updater
+
+    tiny = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=3, n_head=2)
+    config = build_config("gpt2m-full", batch_size=2, seq_len=8, config=tiny)
+    model = config.model
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    blocks = {n for n in dict(model.named_parameters()) if not any(k in n for k in (".wte.", ".wpe.", ".unembed."))}
+    assert trainable == blocks and any("mlp_fc.weight" in n for n in trainable)
+    for kind in ("zo", "mezo", "fo"):
+        updater = build_updater(kind, config)
+        before = {n: p.clone() for n, p in updater.model.named_parameters()}
+        result = updater.step(config.batch)
+        assert not result.skipped and math.isfinite(result.loss)
+        moved = {n for n, p in updater.model.named_parameters() if not torch.equal(p, before[n])}
+        assert moved == blocks, kind

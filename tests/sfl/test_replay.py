@@ -27,7 +27,7 @@ from heron.sfl.replay import (
     state_keys,
 )
 from heron.sfl.roles import Client, ClientBatches, state_bytes
-from heron.zo.updaters import ZOUpdater
+from heron.zo.updaters import MeZOUpdater, ZOUpdater
 from tests.sfl.runs import assert_resume_equals_uninterrupted, run_parameters
 from tests.zo.test_updaters import resnet_stem
 
@@ -107,12 +107,12 @@ def test_replica_arguments_cover_the_updater_constructor():
     assert set(replica_arguments(updater)) == constructor
 
 
-def _digits_client(optimizer: str, q: int) -> Client:
+def _digits_client(optimizer: str, q: int, updater_class: type = ZOUpdater) -> Client:
     digits = load_dataset("digits", seed=0)
     torch.manual_seed(0)
     model = cnn_split(1, 10, 8, width=8).client_with_aux()
-    updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, q=q, optimizer=optimizer, lr=1e-3, seed=11,
-                        cut="0")
+    updater = updater_class(model, nn.functional.cross_entropy, mu=1e-3, q=q, optimizer=optimizer, lr=1e-3, seed=11,
+                            cut="0")
     batches = ClientBatches(digits.x_train[:300], digits.y_train[:300], 32, seed=0, client_id=2)
     return Client(2, model, updater, batches, local_steps=4, upload_every=2)
 
@@ -292,11 +292,12 @@ class TestBadInput:
 
     def test_seeds_only_for_zo_methods(self):
         with pytest.raises(ValueError, match="method 'cse-fsl' cannot use it. Valid choices for 'cse-fsl': "
-                                             "'parameters'; methods that accept 'seeds': heron"):
+                                             "'parameters'; methods that accept 'seeds': heron, mezo"):
             Experiment(replace(SMALL, method="cse-fsl", client_upload="seeds"))
-        for method in ("mezo", "sflv2"):
+        for method in ("sflv1", "sflv2"):
             with pytest.raises(ValueError, match=f"method '{method}' cannot use it"):
                 check_client_upload(method, "seeds")
+        assert check_client_upload("mezo", "seeds") == "seeds"
         with pytest.raises(ValueError, match="client_upload must be one of parameters, seeds, got 'gradients'"):
             replace(SMALL, client_upload="gradients").validate()
 
@@ -328,3 +329,79 @@ def test_replay_that_would_make_the_model_non_finite_is_refused_and_changes_noth
         replica.rebuild(broadcast, huge)
     assert replica.updater.steps == before_state["steps"] == 0
     assert all(torch.equal(v, before_model[k]) for k, v in replica.model.state_dict().items())
+
+
+MEZO_VARIANTS = VARIANTS[:12]  # every optimizer, q and weight decay; MeZO has no direction options
+
+
+@pytest.mark.parametrize("kwargs", MEZO_VARIANTS, ids=lambda k: "-".join(f"{v}" for v in k.values()))
+def test_mezo_apply_replays_perturbation_cycle_bit_exactly(kwargs):
+    """MeZO's +mu / -2mu / +mu cycle leaves rounding residue in the parameters; replaying the cycle
+    and the update from the seeds and scalars reproduces it bit for bit, optimizer state included.
+    Replaying the updates alone does not (the residue is real). A skipped step changed nothing (the
+    step restores its copy of the parameters), so there is nothing of it to replay."""
+    model = bn_net()
+    copies = copy.deepcopy(model), copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 2, 5, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    q = kwargs["q"]
+    client = MeZOUpdater(model, nan_on_calls(4 * q + 1), mu=1e-3, lr=0.01, seed=7, **kwargs)  # step 2 is NaN
+    replayer = MeZOUpdater(copies[0], nn.functional.cross_entropy, mu=1e-3, lr=0.01, seed=7, **kwargs)
+    updates_only = MeZOUpdater(copies[1], nn.functional.cross_entropy, mu=1e-3, lr=0.01, seed=7, **kwargs)
+    skipped = 0
+    for _ in range(5):
+        result = client.step((x, y))
+        assert result.seeds == replayer.direction_seeds(result.step)
+        if result.skipped:
+            skipped += 1
+            continue
+        replayer.apply(result.step, result.seeds, result.projected_grads)
+        updates_only._update(result.seeds, result.projected_grads)
+    assert skipped == 1 and client.steps == replayer.steps == 4
+    for (name, p), r in zip(model.named_parameters(), copies[0].parameters(), strict=True):
+        assert torch.equal(p, r), name
+    assert not all(torch.equal(p, r) for p, r in zip(model.parameters(), copies[1].parameters(), strict=True))
+    state, replayed = client.state_dict()["optimizer"], replayer.state_dict()["optimizer"]
+    if state is not None:
+        assert state["state"].keys() == replayed["state"].keys()
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(replayed["state"][index][key])), key
+
+
+@pytest.mark.parametrize("optimizer,q", [("sgd", 1), ("adam", 2)])
+def test_mezo_replica_rebuilds_client_state_bit_for_bit_over_rounds(optimizer, q):
+    client = _digits_client(optimizer, q, MeZOUpdater)
+    replica = ClientReplica.from_updater(client.updater, client_id=2)
+    assert isinstance(replica.updater, MeZOUpdater)
+    broadcast = {k: v.clone() for k, v in client.model.state_dict().items()}
+    for round_index in range(3):
+        client.set_state(broadcast)
+        result = client.run_round(round_index)
+        assert result.skipped_steps == 0 and len(result.zo_steps) == 4
+        upload = SeedScalarUpload.from_tensors(seed_scalar_upload(client, result).to_tensors(),
+                                               expected_buffers=replica.expected_buffers)
+        rebuilt = replica.rebuild(broadcast, upload)
+        for key, value in result.state.items():
+            assert torch.equal(rebuilt[key], value), (round_index, key)
+        assert replica.updater.steps == client.updater.steps == 4 * (round_index + 1)
+        broadcast = {k: (0.5 * (v + broadcast[k]) if v.is_floating_point() else v) for k, v in result.state.items()}
+    restored = ClientReplica.from_updater(copy.deepcopy(client.updater))
+    restored.load_state_dict(replica.state_dict())
+    assert restored.updater.steps == replica.updater.steps
+
+
+def test_mezo_replica_arguments_cover_the_updater_constructor():
+    updater = MeZOUpdater(bn_net(), nn.functional.cross_entropy, lr=0.1)
+    constructor = set(inspect.signature(MeZOUpdater).parameters) - {"model", "loss_fn", "cut", "unused"}
+    assert set(replica_arguments(updater)) == constructor
+
+
+def test_engine_mezo_seeds_mode_equals_parameters_mode():
+    params = Experiment(replace(SMALL, method="mezo"))
+    seeds = Experiment(replace(SMALL, method="mezo", client_upload="seeds"))
+    report_params, report_seeds = params.run(), seeds.run()
+    for key, value in run_parameters(params).items():
+        assert torch.equal(value, run_parameters(seeds)[key]), key
+    assert [r.test_accuracy for r in report_params.rounds] == [r.test_accuracy for r in report_seeds.rounds]
+    assert report_seeds.bytes_up < report_params.bytes_up

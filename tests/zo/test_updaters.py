@@ -117,6 +117,41 @@ def test_fused_step_matches_reference_estimator(make_model, schedule, tiny_conv_
     assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
 
 
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
+def test_whole_batch_convolutions_are_one_call_per_stream(schedule, tiny_conv_chunks, monkeypatch):
+    """conv_chunks=False: every convolution runs on the whole batch, one call per stream (no
+    chunking: the fewest calls, for a caching allocator or a contended CPU), and the step is the
+    reference estimator's, as the chunked one is."""
+    calls = []
+    conv_forward = nn.Conv2d._conv_forward
+
+    def counted(module, x, weight, bias):  # (not a hook: a module with hooks takes the generic executor)
+        calls.append(x.shape[0])
+        return conv_forward(module, x, weight, bias)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", counted)
+    counts = {}
+    for chunks in (True, False):
+        model = resnet_stem()
+        batch = batch_for(model)
+        updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=0.05, seed=3, schedule=schedule,
+                            conv_chunks=chunks)
+        expected = reference_zo_sgd_step(copy.deepcopy(model), batch, seed=updater.direction_seeds(0)[0], mu=1e-3,
+                                         lr=0.05)
+        calls.clear()  # the reference's own forwards
+        assert not updater.step(batch).skipped
+        counts[chunks] = list(calls)
+        for (name, got), (_, want) in zip(model.state_dict().items(), expected.state_dict().items(), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
+    assert counts[False] == [16] * 4  # 2 convolutions x 2 streams, whole batch
+    assert len(counts[True]) > 4 and max(counts[True]) < 16
+
+
+def test_conv_chunks_must_be_a_bool():
+    with pytest.raises(TypeError, match="conv_chunks must be True or False, got 'no'"):
+        ZOUpdater(small_mlp(), nn.functional.cross_entropy, lr=1e-3, conv_chunks="no")
+
+
 def test_estimate_approaches_gradient():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))  # 34 parameters

@@ -12,6 +12,7 @@ from heron.cli import UsageError
 from heron.cli.profile import run_profile
 from heron.cli.train import add_train_arguments, run_training
 from heron.profiling.environment import environment
+from heron.profiling.presets import CONFIGS as PROFILE_CONFIGS
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -48,15 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     flower.set_defaults(handler=flower_cli.run)
 
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
-    prof.add_argument("--model", required=True, choices=["resnet18-paper", "gpt2m-paper"])
+    prof.add_argument("--model", required=True, choices=list(PROFILE_CONFIGS))
     prof.add_argument("--updaters", default="zo,zo-seq,fo,mezo",
                       help="comma-separated from zo, zo-seq (the sequential schedule), zo-lowrank (rank-8 "
-                           "directions on Linear/Conv2d weights), zo-seq-lowrank (both), fo, mezo")
+                           "directions on Linear/Conv2d weights), zo-seq-lowrank (both), zo-whole, zo-seq-whole "
+                           "(whole-batch convolutions, conv_chunks=False), fo, mezo")
     prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     prof.add_argument("--batch", type=int, default=None, help="batch size (default: the paper's)")
     prof.add_argument("--backend", default=None, help="kernel backend for the zo updater")
     prof.add_argument("--warmup", type=int, default=1)
     prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--threads", type=int, default=None,
+                      help="torch intra-op threads for the run (default: torch's; recorded in the JSON)")
     prof.add_argument("--json", help="write {updaters, config, environment} to this JSON file")
     prof.set_defaults(handler=run_profile)
 

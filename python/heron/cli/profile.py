@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from heron.cli import UsageError
 from heron.profiling.environment import environment
 
@@ -42,6 +44,19 @@ def _checked_kinds(args: argparse.Namespace) -> list[str]:
 
 
 def run_profile(args: argparse.Namespace) -> int:
+    """`heron profile`; --threads sets torch's intra-op threads for the run only."""
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    try:
+        return _profile(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _profile(args: argparse.Namespace) -> int:
     from heron.profiling.presets import build_config, build_updater
     from heron.profiling.profile import profile_steps
 
@@ -51,7 +66,7 @@ def run_profile(args: argparse.Namespace) -> int:
     if args.batch is not None:
         config_kwargs["batch_size"] = args.batch
     config = build_config(args.model, **config_kwargs)
-    print(f"{config.name}: {config.description} on {args.device}")
+    print(f"{config.name}: {config.description} on {args.device}, {torch.get_num_threads()} threads")
     updaters = {kind: build_updater(kind, config, **(overrides if kind.startswith("zo") else {})) for kind in kinds}
     print(f"  profiling {', '.join(kinds)} (timed steps interleaved) ...", flush=True)
     profiles = profile_steps(updaters, config.batch, warmup=args.warmup, repeats=args.repeats)

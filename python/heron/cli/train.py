@@ -175,7 +175,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, chec
                              "directions)")
     parser.add_argument("--client-upload", dest="client_upload", default=d["client_upload"],
                         help="what ZO clients upload for FedAvg: parameters, or seeds (their steps' seeds and "
-                             "scalars plus BatchNorm buffers; the server replays them; heron only)")
+                             "scalars plus BatchNorm buffers; the server replays them; heron and mezo)")
     parser.add_argument("--report", default=d.get("report"), help="write the JSON report here")
     parser.add_argument("--plot", default=d.get("plot"), help="write the accuracy PNG here")
     if checkpoints:

@@ -172,14 +172,16 @@ def _init(module: nn.Module, std: float) -> None:
     for m in module.modules():
         if isinstance(m, (nn.Embedding,)):
             nn.init.normal_(m.weight, std=std)
-        elif isinstance(m, LoRALinear):
+        elif isinstance(m, (LoRALinear, nn.Linear)):
             nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
 
 
 def gpt2_split(config: GPT2Config | Any | None = None, *, cut: int = 6, aux_blocks: int = 3, rank: int = 8,
                n_layer: int | None = None, train_final_norm: bool = False) -> SplitModel:
-    """GPT-2 split after block `cut`; aux = `aux_blocks` blocks + unembedding; LoRA rank `rank`.
+    """GPT-2 split after block `cut`; aux = `aux_blocks` blocks + unembedding; LoRA rank `rank`
+    (0: no adapters; the blocks and final norms are trained whole, the embeddings and the
+    unembedding stay frozen).
 
     config: heron's GPT2Config or a transformers.GPT2Config (default GPT-2 Medium). n_layer
     overrides config.n_layer (e.g. to build only the layers a benchmark needs). Client: tokens
@@ -213,6 +215,10 @@ def gpt2_split(config: GPT2Config | Any | None = None, *, cut: int = 6, aux_bloc
     server = Head(blocks[cut:], config, unembedding)
     for part in (client, aux, server):
         freeze_all_but_lora(part)
+        if rank == 0:
+            for module in part.modules():
+                if isinstance(module, (Block, nn.LayerNorm)):
+                    module.requires_grad_(True)
     if train_final_norm:
         for head in (aux, server):
             head.ln_f.requires_grad_(True)

@@ -47,6 +47,9 @@ def freeze_all_but_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-def lora_linear(in_features: int, out_features: int, rank: int) -> LoRALinear:
-    """The LoRA layer of the split language models: alpha = 2 * rank (adapter scale 2)."""
+def lora_linear(in_features: int, out_features: int, rank: int) -> LoRALinear | nn.Linear:
+    """The LoRA layer of the split language models: alpha = 2 * rank (adapter scale 2); rank 0: a
+    plain nn.Linear (full-parameter training)."""
+    if rank == 0:
+        return nn.Linear(in_features, out_features)
     return LoRALinear(in_features, out_features, rank=rank, alpha=2.0 * rank)

@@ -57,10 +57,33 @@ def gpt2m_paper(batch_size: int = 8, seq_len: int = 512, device: str = "cpu") ->
                         f"batch {batch_size} x seq {seq_len}", forward_only)
 
 
-CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper}
-FORWARD_ONLY = ("zo", "zo-seq", "zo-lowrank", "zo-seq-lowrank", "mezo")
-# zo-lowrank: rank-8 directions on Linear and Conv2d weights (the paper's LoRA rank).
+def gpt2m_full(batch_size: int = 2, seq_len: int = 128, device: str = "cpu",
+               config: GPT2Config | None = None) -> ClientConfig:
+    """A full-parameter transformer client with GPT-2 Medium's shapes and no LoRA: 2 blocks, aux =
+    1 block + final norm + unembedding, every block and final-norm parameter trained (37.8 M; the
+    embeddings and unembedding frozen), Adam lr 1e-5, batch 2 x seq 128 (the case where parameters,
+    not activations, dominate a step). config: another GPT2Config (the tests' tiny one)."""
+    torch.manual_seed(0)
+    config = config or GPT2Config.medium()
+    split = gpt2_split(config, cut=2, aux_blocks=1, rank=0, n_layer=3)
+    model = split.client_with_aux().to(device)
+    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), device=device)
+    client, aux = model[0], model[1]
+    forward_only = (nn.Sequential(client, HeadHidden(aux)), LMHeadLoss(aux.unembed))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ClientConfig("gpt2m-full", model, (tokens, tokens), lm_loss, {"optimizer": "adam", "lr": 1e-5},
+                        f"GPT-2 Medium-shaped client trained whole (no LoRA, {trained / 1e6:.1f} M parameters): "
+                        f"2 blocks + aux 1 block + unembedding, batch {batch_size} x seq {seq_len}", forward_only)
+
+
+CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper,
+                                                    "gpt2m-full": gpt2m_full}
+FORWARD_ONLY = ("zo", "zo-seq", "zo-lowrank", "zo-seq-lowrank", "zo-whole", "zo-seq-whole", "mezo")
+# zo-lowrank: rank-8 directions on Linear and Conv2d weights (the paper's LoRA rank); zo-whole:
+# whole-batch convolutions (conv_chunks=False).
 UPDATERS = {**updaters.UPDATERS, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"),
+            "zo-whole": functools.partial(ZOUpdater, conv_chunks=False),
+            "zo-seq-whole": functools.partial(ZOUpdater, schedule="sequential", conv_chunks=False),
             "zo-lowrank": functools.partial(ZOUpdater, perturbation="lowrank", rank=8),
             "zo-seq-lowrank": functools.partial(ZOUpdater, schedule="sequential", perturbation="lowrank", rank=8)}
 

@@ -4,19 +4,20 @@ A ZO client's local update is determined by its steps' (step index, seeds, proje
 scalars) plus the optimizer's rule and state (heron.zo.updaters module docstring). So instead of its
 parameters a client can upload those records and the state entries ZO does not train (BatchNorm
 running statistics, num_batches_tracked); the server's ClientReplica, a mirror of the client's
-ZOUpdater, replays them with the same kernels (`ZOUpdater.apply`, the function the client's own
-step calls) from the broadcast state. The rebuilt parameters equal the client's bit for bit on
-the same backend and device, and agree within float tolerance across backends (the perturbation
-stream is the same everywhere).
+updater, replays them from the broadcast state with the updater's own `apply`.
+
+- ZOUpdater (method "heron"): `apply` is the function the client's own step calls. The rebuilt
+  parameters equal the client's bit for bit on the same backend and device, and agree within float
+  tolerance across backends (the perturbation stream is the same everywhere).
+- MeZOUpdater (method "mezo"): `apply` repeats the step's in-place +mu / -2mu / +mu cycle (its
+  float rounding residue included) and its update: bit for bit on the same device type, since the
+  directions are torch.Generator normals (which differ between CPU and CUDA). A skipped step
+  changed nothing (the step restores its copy of the parameters) and is not uploaded.
 
 Scalars travel as float64, the exact Python floats the client passed to `apply` (the kernels round
 them to float32 themselves), so replay is exact without depending on that rounding. An upload
 carries the client's perturbation stream version (heron.kernels.stream.STREAM_VERSION): seeds only mean
 something under the stream that regenerates them, so an upload of another version is refused.
-
-Only ZOUpdater clients (method "heron") can upload seeds. MeZOUpdater cannot: its in-place
-+mu / -2mu / +mu perturbation leaves float rounding residue in the parameters, which a replay
-without the forward passes cannot reproduce (and its torch.Generator normals differ by device).
 """
 
 from __future__ import annotations
@@ -32,10 +33,11 @@ from torch import nn
 from heron.kernels import functional as HF
 from heron.kernels.stream import STREAM_VERSION, check_stream_version
 from heron.sfl.roles import Client, ClientRoundResult, tensor_bytes
-from heron.zo.updaters import ZOUpdater
+from heron.zo.updaters import MeZOUpdater, ZOUpdater
 
 CLIENT_UPLOADS = ("parameters", "seeds")
-SEED_UPLOAD_METHODS = ("heron",)  # methods whose client updater is a ZOUpdater
+SEED_UPLOAD_METHODS = ("heron", "mezo")  # methods whose client updater replays (a ZOUpdater, a MeZOUpdater)
+REPLAYABLE = (ZOUpdater, MeZOUpdater)
 BUFFER_PREFIX = "buffer/"
 
 ZOStep = tuple[int, list[int], list[float]]
@@ -217,9 +219,9 @@ def _check_buffers(buffers: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 def seed_scalar_upload(client: Client, result: ClientRoundResult) -> SeedScalarUpload:
     """The seed-and-scalar upload of `client`'s round `result` (from Client.run_round)."""
-    if not isinstance(client.updater, ZOUpdater):
+    if not isinstance(client.updater, REPLAYABLE):
         raise TypeError(f"client {client.client_id} trains with {type(client.updater).__name__}; seed-and-scalar "
-                        f"uploads need a ZOUpdater")
+                        f"uploads need a ZOUpdater or a MeZOUpdater")
     keys = state_keys(client.model, client.updater.param_names)
     buffers = {key: result.state[key] for key in keys.buffers}
     zo_steps = [(int(step), list(seeds), list(grads)) for step, seeds, grads in result.zo_steps]
@@ -228,13 +230,17 @@ def seed_scalar_upload(client: Client, result: ClientRoundResult) -> SeedScalarU
 
 # -- server side -------------------------------------------------------------------------------
 
-def replica_arguments(updater: ZOUpdater) -> dict[str, Any]:
-    """The ZOUpdater constructor arguments that determine `apply` (all but model, loss_fn and cut)."""
+def replica_arguments(updater: ZOUpdater | MeZOUpdater) -> dict[str, Any]:
+    """The updater's constructor arguments that determine `apply` (all but model, loss_fn and cut)."""
+    if isinstance(updater, MeZOUpdater):
+        return {"mu": updater.mu, "q": updater.q, "optimizer": updater.optimizer_name, "lr": updater.lr,
+                "weight_decay": updater.weight_decay, "betas": updater.betas, "eps": updater.eps,
+                "seed": updater.seed, "params": list(updater.param_names)}
     return {"mu": updater.mu, "q": updater.q, "direction": updater.direction, "optimizer": updater.optimizer,
             "lr": updater.lr, "weight_decay": updater.weight_decay, "betas": updater.betas, "eps": updater.eps,
             "seed": updater.seed, "params": list(updater.param_names), "perturbation": updater.perturbation,
             "rank": updater.rank or None, "lazy_steps": updater.lazy_steps, "backend": updater.backend,
-            "schedule": updater.schedule, "executor": updater.requested_executor}
+            "schedule": updater.schedule, "executor": updater.requested_executor, "conv_chunks": updater.conv_chunks}
 
 
 def _no_loss(*args: Any) -> torch.Tensor:
@@ -244,28 +250,32 @@ def _no_loss(*args: Any) -> torch.Tensor:
 class ClientReplica:
     """The server's mirror of one ZO client's updater, on its own copy of the model.
 
-    Build it with the client's ZOUpdater arguments (same seed, optimizer, lr, q, backend, ...);
+    Build it with the client's updater class (updater_class: ZOUpdater or MeZOUpdater) and arguments
+    (same seed, optimizer, lr, q, backend, ...);
     `rebuild` replays each round's upload, so its optimizer state (Adam moments, step count)
     evolves exactly like the client's and stays in sync across rounds. Save it with state_dict().
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None = None, *, client_id: int | None = None,
-                 device: torch.device | str | None = None, **updater_kwargs: Any):
+                 device: torch.device | str | None = None, updater_class: type = ZOUpdater, **updater_kwargs: Any):
+        if updater_class not in REPLAYABLE:
+            raise TypeError(f"updater_class must be one of {[c.__name__ for c in REPLAYABLE]}, got {updater_class!r}")
         self.client_id = client_id
         self.model = copy.deepcopy(model)
         if device is not None:
             self.model.to(device)
-        self.updater = ZOUpdater(self.model, loss_fn or _no_loss, **updater_kwargs)
+        self.updater = updater_class(self.model, loss_fn or _no_loss, **updater_kwargs)
         self.keys = state_keys(self.model, self.updater.param_names)
 
     @classmethod
-    def from_updater(cls, updater: ZOUpdater, *, client_id: int | None = None,
+    def from_updater(cls, updater: ZOUpdater | MeZOUpdater, *, client_id: int | None = None,
                      device: torch.device | str | None = None, **overrides: Any) -> ClientReplica:
         """A replica of `updater` as it is now: its constructor arguments (`overrides` replace some, e.g.
         backend for a replica on another device) and its optimizer state."""
-        if not isinstance(updater, ZOUpdater):
-            raise TypeError(f"a ClientReplica mirrors a ZOUpdater, got {type(updater).__name__}")
-        replica = cls(updater.model, client_id=client_id, device=device, **{**replica_arguments(updater), **overrides})
+        if not isinstance(updater, REPLAYABLE):
+            raise TypeError(f"a ClientReplica mirrors a ZOUpdater or a MeZOUpdater, got {type(updater).__name__}")
+        replica = cls(updater.model, client_id=client_id, device=device, updater_class=type(updater),
+                      **{**replica_arguments(updater), **overrides})
         replica.load_state_dict(updater.state_dict())
         return replica
 
@@ -320,6 +330,9 @@ class ClientReplica:
         return self.updater.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if isinstance(self.updater, MeZOUpdater):  # torch.optim moves its state to the parameters' device
+            self.updater.load_state_dict(state)
+            return
         device = self.updater.parameters()[0].device
         self.updater.load_state_dict({"steps": state["steps"], "moments": {
             name: (m.to(device), v.to(device)) for name, (m, v) in state["moments"].items()}})

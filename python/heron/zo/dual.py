@@ -527,10 +527,12 @@ def _output_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
         x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True))
 
 
-def _chunk_samples(module: nn.Conv2d, x: torch.Tensor) -> int:
+def _chunk_samples(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation) -> int:
     """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger
-    side (input or output). The whole batch when that side is at most 4 chunks: a transient that
-    small is not worth the chunks' extra calls and copies."""
+    side (input or output). The whole batch when that side is at most 4 chunks (a transient that
+    small is not worth the chunks' extra calls and copies) or pert.conv_chunks is False."""
+    if not pert.conv_chunks:
+        return x.shape[0]
     height, width = _output_size(module, x)
     per_sample = max(1, x[0].numel(), module.out_channels * height * width) * x.element_size()
     if per_sample * x.shape[0] <= 4 * _CONV_CHUNK_BYTES:
@@ -538,12 +540,12 @@ def _chunk_samples(module: nn.Conv2d, x: torch.Tensor) -> int:
     return max(1, _CONV_CHUNK_BYTES // per_sample)
 
 
-def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, *, overwrite: bool) -> torch.Tensor:
+def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, *, overwrite: bool) -> torch.Tensor:
     """module(x) for x (N, C, H, W), a batch chunk at a time: written over x when `overwrite` (the
     output has x's shape; samples are independent, so each chunk is read in full before it is
     overwritten), else into one output tensor. A whole-batch convolution would hold a transient
     the size of its output besides the output itself."""
-    chunk = _chunk_samples(module, x)
+    chunk = _chunk_samples(module, x, pert)
     if chunk >= x.shape[0]:
         return module(x)
     out = x if overwrite else None
@@ -596,7 +598,7 @@ def _lowrank_conv(module: nn.Conv2d, trainable, x: Dual, pert: Perturbation) -> 
         pert.record(bias_name, "fused low-rank conv")
         bias_shift = scaled_bias_direction(module.bias, bias_name, pert)
     pert_out = torch.empty_like(base)
-    chunk = _chunk_samples(module, x.base)  # no whole-batch transient, as for the module's own convolution
+    chunk = _chunk_samples(module, x.base, pert)  # no whole-batch transient, as for the module's own convolution
     for start in range(0, x.base.shape[0], chunk):
         projected = module._conv_forward(x.base[start:start + chunk], filters, None)  # (n, r, H', W')
         torch.add(nn.functional.conv2d(projected, mix, bias_shift), base[start:start + chunk],
@@ -608,7 +610,7 @@ def _conv_stream(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, may_ove
     """One stream through the convolution in batch chunks, written over x when the output has x's
     shape and the node may overwrite x."""
     overwrite = may_overwrite and _same_shape_conv(module, x) and pert.can_reuse(x) and x.is_contiguous()
-    return _conv_chunked(module, x, overwrite=overwrite)
+    return _conv_chunked(module, x, pert, overwrite=overwrite)
 
 
 def _single_stream_call(module: nn.Module, route: str, args: tuple, kwargs: dict, pert: Perturbation) -> Dual:

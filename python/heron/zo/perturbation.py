@@ -54,6 +54,8 @@ class Perturbation:
     lowrank_names: frozenset[str] = frozenset()
     # layout name -> how the forward read it ("fused linear", "in place", "copy", ...), filled as it runs
     reads: dict[str, set[str]] = field(default_factory=dict)
+    # False: convolutions run on the whole batch (ZOUpdater's conv_chunks)
+    conv_chunks: bool = True
 
     def can_reuse(self, tensor: object) -> bool:
         return isinstance(tensor, torch.Tensor) and id(tensor) in self.reusable

@@ -16,6 +16,9 @@ Replaying a ZO run: direction j of step t has seed `derive_seed(seed, t, j)`; wi
 perturbation="lowrank" the U factors of step t use `derive_seed(seed, U_STREAM, t // lazy_steps)`.
 The estimate of step t is `StepResult.projected_grads` (one scalar per direction), so the updater's
 parameters after any number of steps are determined by (initial parameters, seed, the scalars).
+Replaying a MeZO-style run: `MeZOUpdater.apply` repeats each step's in-place +mu / -2mu / +mu cycle
+(whose float rounding leaves residue in the parameters) and its update, from the same seeds and
+scalars, with the same torch.Generator on the same device: the parameters come out bit for bit.
 """
 
 from __future__ import annotations
@@ -254,6 +257,12 @@ class ZOUpdater(_Updater):
             directions, full or low-rank; same losses up to rounding).
         executor: "auto" (torch.fx's dual-stream executor when the model traces, else the generic
             one), "fx" or "generic"; see heron.zo.coverage and `plan()`.
+        conv_chunks: True (default) runs a Conv2d whose input or output exceeds a few MiB in batch
+            chunks of 2 MiB (heron.zo.dual), so it holds no whole-batch transient beside its output:
+            the memory the dual schedule's 2 activations and the sequential one's 1 need. False runs
+            every convolution on the whole batch, one call per stream: a transient of about twice
+            its output, but 1 call instead of dozens, which is what is fast under a caching allocator
+            (jemalloc, a GPU's) and on a contended CPU, where every parallel call waits for all threads.
 
     Dropout: every forward of a step starts from the random generators' state at the step's start,
     and both streams of a call draw the same numbers, so module and functional dropout apply the
@@ -265,10 +274,13 @@ class ZOUpdater(_Updater):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
                  params: Iterable | None = None, perturbation: str = "full", rank: int | None = None,
                  lazy_steps: int = 1, cut: str | None = None, backend: str | None = None,
-                 schedule: str = "dual", executor: str = "auto"):
+                 schedule: str = "dual", executor: str = "auto", conv_chunks: bool = True):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut,
                          betas=betas, eps=eps)
         self.schedule = _choice(schedule, "schedule", SCHEDULES)
+        if not isinstance(conv_chunks, bool):
+            raise TypeError(f"conv_chunks must be True or False, got {conv_chunks!r}")
+        self.conv_chunks = conv_chunks
         self.mu = HF.check_scalar(mu, "mu", nonzero=True)
         self.q = _positive_int(q, "q")
         self.direction = _choice(direction, "direction", DIRECTIONS)
@@ -344,7 +356,7 @@ class ZOUpdater(_Updater):
 
     def _perturbation(self, ids: dict[int, str], seed: int, scale: float, u_seed: int, stream: str) -> Perturbation:
         return Perturbation(self.layout, seed, scale, self.rank, u_seed, self.backend, stream=stream, names=ids,
-                            lowrank_names=frozenset(self.lowrank_names))
+                            lowrank_names=frozenset(self.lowrank_names), conv_chunks=self.conv_chunks)
 
     def _run(self, args: tuple, kwargs: dict, targets: Any, pert: Perturbation, keep_cut: bool):
         """One forward of the model on the batch in pert's stream, and its loss in the same stream:
@@ -673,7 +685,7 @@ class MeZOUpdater(_Updater):
         args, kwargs, targets = _split_batch(batch)
         capture = _CutCapture(self.model, self.cut)
         snapshot = _BufferSnapshot([*self.model.buffers(), *self.parameters()])
-        seeds = [derive_seed(self.seed, self.steps, j) for j in range(self.q)]
+        seeds = self.direction_seeds(self.steps)
         grads, losses, smashed = [], [], None
         try:
             for seed in seeds:
@@ -700,6 +712,22 @@ class MeZOUpdater(_Updater):
         self._update(seeds, grads)
         self.steps += 1
         return result
+
+    def direction_seeds(self, step: int) -> list[int]:
+        """The torch.Generator seeds of step `step`'s q directions."""
+        return [derive_seed(self.seed, step, j) for j in range(self.q)]
+
+    @torch.no_grad()
+    def apply(self, step: int, seeds: list[int], grads: list[float]) -> None:
+        """Replay applied step `step` from its seeds and projected-gradient scalars (StepResult.seeds,
+        .projected_grads): each direction's +mu / -2mu / +mu cycle, as `step` ran it between its
+        forwards, then the update. A skipped step changed nothing and has nothing to replay."""
+        for seed in seeds:
+            self._perturb(seed, self.mu)
+            self._perturb(seed, -2 * self.mu)
+            self._perturb(seed, self.mu)
+        self._update(seeds, grads)
+        self.steps = step + 1
 
     def _update(self, seeds: list[int], grads: list[float]) -> None:
         params = self.parameters()
