@@ -139,10 +139,11 @@ def test_whole_batch_convolutions_are_one_call_per_stream(schedule, tiny_conv_ch
         expected = reference_zo_sgd_step(copy.deepcopy(model), batch, seed=updater.direction_seeds(0)[0], mu=1e-3,
                                          lr=0.05)
         calls.clear()  # the reference's own forwards
-        assert not updater.step(batch).skipped
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        result = updater.step(batch)
+        assert not result.skipped
         counts[chunks] = list(calls)
-        for (name, got), (_, want) in zip(model.state_dict().items(), expected.state_dict().items(), strict=True):
-            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=name)
+        assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
     assert counts[False] == [16] * 4  # 2 convolutions x 2 streams, whole batch
     assert len(counts[True]) > 4 and max(counts[True]) < 16
 
