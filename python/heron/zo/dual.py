@@ -163,13 +163,19 @@ def _apply_both(fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | No
     target = args[0] if in_place and args and isinstance(args[0], Dual) else None
     if target is not None and target.pert is None and isinstance(target.base, torch.Tensor):
         target.pert = target.base.clone()
+    return _two_streams(fn, fn, args, kwargs, pert)
+
+
+def _two_streams(base_fn: Callable, pert_fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | None) -> Dual:
+    """base_fn on the base stream, then pert_fn on the perturbed one, the random generators rewound
+    between them (one dropout mask for both) and the base inputs released in between."""
     bases = (_map(args, lambda d: d.base), _map(kwargs, lambda d: d.base))
     fork = random_fork(*bases)
-    base = fn(*bases[0], **bases[1])
+    base = base_fn(*bases[0], **bases[1])
     del bases
     fork.rewind()
     _release_bases((args, kwargs), pert)
-    pert_out = fn(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
+    pert_out = pert_fn(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
     fork.resume()
     return Dual(base, pert_out)
 
@@ -394,20 +400,18 @@ def lowrank_eligible(module: nn.Module) -> bool:
 def _in_place(module: nn.Module, trainable, args, kwargs, pert: Perturbation) -> Dual:
     """The module on each stream, its own trainable parameters perturbed in place for the perturbed
     one; buffers it updates keep the base stream's values."""
-    bases = (_map(args, lambda d: d.base), _map(kwargs, lambda d: d.base))
-    fork = random_fork(*bases)
-    base = module(*bases[0], **bases[1])
-    del bases
-    fork.rewind()
-    _release_bases((args, kwargs), pert)
-    buffers = [(b, b.detach().clone()) for b in module.buffers(recurse=False)]
-    with PerturbedInPlace(trainable, pert):
-        pert_out = module(*_map(args, lambda d: d.pert_or_base), **_map(kwargs, lambda d: d.pert_or_base))
-    fork.resume()
+    buffers = []
+
+    def perturbed(*pert_args, **pert_kwargs):
+        buffers.extend((b, b.detach().clone()) for b in module.buffers(recurse=False))  # the base stream's values
+        with PerturbedInPlace(trainable, pert):
+            return module(*pert_args, **pert_kwargs)
+
+    out = _two_streams(module, perturbed, args, kwargs, pert)
     with torch.no_grad():
         for buffer, value in buffers:
             buffer.copy_(value)
-    return Dual(base, pert_out)
+    return out
 
 
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Dual, pert: Perturbation) -> Dual:
