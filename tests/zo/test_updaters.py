@@ -545,3 +545,27 @@ def test_zo_state_dict_round_trip_and_unknown_parameters():
     bad = {"steps": 1, "moments": {"9.weight": (torch.zeros(1), torch.zeros(1))}}
     with pytest.raises(ValueError, match="9.weight"):
         other.load_state_dict(bad)
+
+
+def test_same_shape_convolution_is_written_over_its_input_below_four_chunks():
+    """The main job's client (cnn, batch 64: 6.4 MB activations, under 4 chunks of _CONV_CHUNK_BYTES):
+    its second convolution keeps its input's shape, so each stream's output is written over that
+    stream's input in chunks. The dual step then peaks at its first convolution: the two streams'
+    outputs of a shared input plus the convolution's own output-sized transient, three activations;
+    a second convolution computed whole would add a fourth."""
+    from heron.profiling.memory import peak_memory
+    from heron.sfl.config import TrainConfig
+    from heron.sfl.engine import Experiment
+
+    config = TrainConfig(model="cnn", dataset="digits", clients=2, rounds=1, local_steps=1, batch_size=64, seed=0,
+                         method="heron")
+    updater = Experiment(config).clients[0].updater
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(64, 1, 28, 28, generator=generator), torch.randint(0, 10, (64,), generator=generator)
+    conv = updater.model[0][3]
+    assert isinstance(conv, nn.Conv2d) and conv.in_channels == conv.out_channels
+    activation = 64 * conv.out_channels * 28 * 28 * 4
+    assert activation <= 4 * heron.zo.dual._CONV_CHUNK_BYTES
+    updater.step(batch)
+    _, peak = peak_memory(lambda: updater.step(batch))
+    assert peak < 3.5 * activation, (peak, activation)

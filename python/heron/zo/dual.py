@@ -531,15 +531,16 @@ def _output_size(module: nn.Conv2d, x: torch.Tensor) -> tuple[int, int]:
         x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True))
 
 
-def _chunk_samples(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation) -> int:
+def _chunk_samples(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, *, overwrite: bool = False) -> int:
     """Samples per chunk of a chunked convolution of x (N, C, H, W): _CONV_CHUNK_BYTES of its larger
-    side (input or output). The whole batch when that side is at most 4 chunks (a transient that
-    small is not worth the chunks' extra calls and copies) or pert.conv_chunks is False."""
+    side (input or output). The whole batch when pert.conv_chunks is False, or when that side is at
+    most 4 chunks and the output is not written over x (a transient that small is not worth the
+    chunks' extra calls and copies; written over x, the chunks save a whole output)."""
     if not pert.conv_chunks:
         return x.shape[0]
     height, width = _output_size(module, x)
     per_sample = max(1, x[0].numel(), module.out_channels * height * width) * x.element_size()
-    if per_sample * x.shape[0] <= 4 * _CONV_CHUNK_BYTES:
+    if not overwrite and per_sample * x.shape[0] <= 4 * _CONV_CHUNK_BYTES:
         return x.shape[0]
     return max(1, _CONV_CHUNK_BYTES // per_sample)
 
@@ -549,7 +550,7 @@ def _conv_chunked(module: nn.Conv2d, x: torch.Tensor, pert: Perturbation, *, ove
     output has x's shape; samples are independent, so each chunk is read in full before it is
     overwritten), else into one output tensor. A whole-batch convolution would hold a transient
     the size of its output besides the output itself."""
-    chunk = _chunk_samples(module, x, pert)
+    chunk = _chunk_samples(module, x, pert, overwrite=overwrite)
     if chunk >= x.shape[0]:
         return module(x)
     out = x if overwrite else None
