@@ -75,6 +75,16 @@ def reference_zo_sgd_step(model: nn.Module, batch, *, seed: int, mu: float, lr: 
     return ReferenceStep(model, g, [loss_base.item(), loss_pert.item()], direction)
 
 
+def step_matching_reference(updater: ZOUpdater, batch, reference: ReferenceStep, *, mu: float, lr: float):
+    """updater's step on batch, applied and checked against the plain step (assert_step_matches_reference)."""
+    model = updater.model
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    result = updater.step(batch)
+    assert not result.skipped
+    assert_step_matches_reference(model, before, result, reference, mu=mu, lr=lr)
+    return result
+
+
 def assert_step_matches_reference(model: nn.Module, before: dict[str, torch.Tensor], result, reference: ReferenceStep,
                                   *, mu: float, lr: float) -> None:
     """heron's step against the plain one, each part by what bounds it (nothing tuned to a CPU):
@@ -111,10 +121,7 @@ def test_fused_step_matches_reference_estimator(make_model, schedule, tiny_conv_
     batch = batch_for(model)
     updater = ZOUpdater(model, nn.functional.cross_entropy, mu=1e-3, lr=0.05, seed=3, schedule=schedule)
     expected = reference_zo_sgd_step(model, batch, seed=updater.direction_seeds(0)[0], mu=1e-3, lr=0.05)
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = updater.step(batch)
-    assert not result.skipped
-    assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
+    step_matching_reference(updater, batch, expected, mu=1e-3, lr=0.05)
 
 
 @pytest.mark.parametrize("schedule", ["dual", "sequential"])
@@ -139,11 +146,8 @@ def test_whole_batch_convolutions_are_one_call_per_stream(schedule, tiny_conv_ch
         expected = reference_zo_sgd_step(copy.deepcopy(model), batch, seed=updater.direction_seeds(0)[0], mu=1e-3,
                                          lr=0.05)
         calls.clear()  # the reference's own forwards
-        before = {name: value.clone() for name, value in model.state_dict().items()}
-        result = updater.step(batch)
-        assert not result.skipped
+        step_matching_reference(updater, batch, expected, mu=1e-3, lr=0.05)
         counts[chunks] = list(calls)
-        assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
     assert counts[False] == [16] * 4  # 2 convolutions x 2 streams, whole batch
     assert len(counts[True]) > 4 and max(counts[True]) < 16
 
@@ -299,10 +303,7 @@ def test_lowrank_step_matches_reference_estimator(make_model, rows, schedule, ti
     assert convs <= updater.lowrank_names
     expected = reference_zo_sgd_step(model, batch, seed=updater.direction_seeds(0)[0], mu=1e-3, lr=0.05,
                                      direction=lowrank_reference_direction(updater, 0))
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = updater.step(batch)
-    assert not result.skipped
-    assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
+    step_matching_reference(updater, batch, expected, mu=1e-3, lr=0.05)
 
 
 @pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
@@ -325,12 +326,9 @@ def test_step_on_every_device_and_backend_matches_reference(device, backend, per
         seed = updater.direction_seeds(0)[0]
         direction = {e.name: updater.layout.direction(e.name, seed, device="cpu").to(device) for e in updater.layout}
     expected = reference_zo_sgd_step(model, batch, seed=0, mu=1e-3, lr=0.05, direction=direction)
-    before = {name: value.clone() for name, value in model.state_dict().items()}
-    result = updater.step(batch)
-    assert not result.skipped
+    result = step_matching_reference(updater, batch, expected, mu=1e-3, lr=0.05)
     assert result.smashed is None
     assert all(value.device.type == device for value in model.state_dict().values())
-    assert_step_matches_reference(model, before, result, expected, mu=1e-3, lr=0.05)
 
 
 @pytest.mark.gpu

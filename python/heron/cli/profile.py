@@ -13,8 +13,6 @@ from heron.profiling.environment import environment
 
 def _checked_kinds(args: argparse.Namespace) -> list[str]:
     """The updater kinds of --updaters, with every other option checked; a UsageError before any model is built."""
-    import torch
-
     from heron.kernels import backends
     from heron.profiling.presets import UPDATERS
 
@@ -23,7 +21,8 @@ def _checked_kinds(args: argparse.Namespace) -> list[str]:
     if unknown or not kinds:
         raise UsageError(f"--updaters: unknown updater {unknown[0]!r}" if unknown else "--updaters names no updater"
                          f"; valid: {', '.join(sorted(UPDATERS))}")
-    for name, value, low in (("--batch", args.batch, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
+    for name, value, low in (("--batch", args.batch, 1), ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1),
+                             ("--threads", args.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     try:
@@ -45,22 +44,20 @@ def _checked_kinds(args: argparse.Namespace) -> list[str]:
 
 def run_profile(args: argparse.Namespace) -> int:
     """`heron profile`; --threads sets torch's intra-op threads for the run only."""
+    kinds = _checked_kinds(args)
     threads = torch.get_num_threads()
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
-        return _profile(args)
+        return _profile(args, kinds)
     finally:
         torch.set_num_threads(threads)
 
 
-def _profile(args: argparse.Namespace) -> int:
+def _profile(args: argparse.Namespace, kinds: list[str]) -> int:
     from heron.profiling.presets import build_config, build_updater
     from heron.profiling.profile import profile_steps
 
-    kinds = _checked_kinds(args)
     overrides = {} if args.backend is None else {"backend": args.backend}
     config_kwargs = {"device": args.device}
     if args.batch is not None:
