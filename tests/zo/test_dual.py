@@ -185,3 +185,52 @@ def test_fused_lowrank_first_conv_is_the_in_place_perturbed_conv_within_its_roun
     excess = difference - bound
     assert excess.max() <= 0, f"|fused - in place| {difference.flatten()[excess.argmax()]:.3g} > bound " \
                               f"{bound.flatten()[excess.argmax()]:.3g}"
+
+
+class _ScaledBlock(nn.Module):
+    """A block run generically (it owns a parameter and has a parametrised child) that records what
+    its forward is called with, and draws dropout and updates a BatchNorm inside."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.fc = nn.Linear(features, features)
+        self.norm = nn.BatchNorm1d(features)
+        self.gamma = nn.Parameter(torch.full((features,), 0.5))
+        self.calls: list[str] = []
+
+    def forward(self, x):
+        self.calls.append(type(x).__name__)
+        return x + nn.functional.dropout(self.norm(self.fc(x)), 0.5, self.training) * self.gamma
+
+
+def _block_net(features: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(features, features), _ScaledBlock(features), nn.Linear(features, 3)).train()
+
+
+@pytest.mark.parametrize(("rows", "one_stream_at_a_time"), [(64, True), (2, False)])
+def test_an_activation_bound_generic_block_runs_its_streams_one_at_a_time(rows, one_stream_at_a_time):
+    """A generically run block whose input has more elements than its trainable parameters (64 rows x
+    8 features against 80 parameters) runs its own forward once per stream on plain tensors, which
+    keeps one stream's activations alive at a time; a weight-bound one (2 rows) runs both streams call
+    by call on DualTensors. Either way the streams are the two plain forwards, with one dropout mask
+    and statistics from the base stream."""
+    model = _block_net(8)
+    x = torch.randn(rows, 8, generator=torch.Generator().manual_seed(2))
+    plain = copy.deepcopy(model)
+    pert = perturbation(model)
+    parameters = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(3)
+    out, _ = run(model, pert, x)
+    assert model[1].calls == (["Tensor", "Tensor"] if one_stream_at_a_time else ["DualTensor"])
+    with torch.no_grad():
+        torch.manual_seed(3)
+        want_base = plain(x)
+        shifted = {name: p + MU * pert.layout.direction(name, SEED) for name, p in parameters.items()}
+        reference = _block_net(8)
+        torch.manual_seed(3)
+        want_pert = functional_call(reference, shifted, (x,))
+    torch.testing.assert_close(out.base, want_base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.pert, want_pert, rtol=1e-4, atol=1e-5)
+    for (name, b), (_, c) in zip(model.named_buffers(), plain.named_buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=f"{name} is not the base stream's")
