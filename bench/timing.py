@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from heron.profiling.profile import round_order
+
 
 @dataclass(frozen=True)
 class Times:
@@ -29,18 +31,18 @@ def sync(device: str) -> None:
 
 
 def interleaved_times(fns: Sequence[Callable[[], object]], device: str, rounds: int) -> list[Times]:
-    """Times of each of `fns` over `rounds` rounds, each round calling every function once in turn
-    (after one warm-up call each)."""
+    """Times of each of `fns` over `rounds` rounds, each round calling every function once in turn,
+    the order rotating between rounds (heron.profiling.profile.round_order), after one warm-up call each."""
     for fn in fns:
         fn()
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, own in zip(fns, samples, strict=True):
+    for round_ in range(rounds):
+        for index in round_order(len(fns), round_):
             sync(device)
             start = time.perf_counter()
-            fn()
+            fns[index]()
             sync(device)
-            own.append(time.perf_counter() - start)
+            samples[index].append(time.perf_counter() - start)
     return [Times(median=sorted(own)[len(own) // 2], fastest=min(own)) for own in samples]
 
 

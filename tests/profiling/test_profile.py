@@ -66,10 +66,12 @@ class _LoggingUpdater:
 
 def test_timed_steps_are_interleaved():
     _LoggingUpdater.log = []
-    profiles = profile_steps({"a": _LoggingUpdater("a"), "b": _LoggingUpdater("b")}, None, warmup=1, repeats=3)
-    assert list(profiles) == ["a", "b"]
-    # warm-up per updater, then 3 rounds a, b; then each one's FLOP and memory steps
-    assert _LoggingUpdater.log[:8] == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    updaters = {name: _LoggingUpdater(name) for name in "abc"}
+    profiles = profile_steps(updaters, None, warmup=1, repeats=4)
+    assert list(profiles) == ["a", "b", "c"]
+    # warm-up per updater, then 4 rounds of one step each, every round starting one updater later
+    # (no updater always runs after the same neighbour); then each one's FLOP and memory steps
+    assert _LoggingUpdater.log[:15] == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
 
 
 def test_repeats_must_be_positive():

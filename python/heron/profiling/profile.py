@@ -91,11 +91,20 @@ def _memory_and_flops(work: Any, batch: Any, time_s: float) -> StepProfile:
                        flops=int(counter.get_total_flops()), time_s=time_s)
 
 
+def round_order(count: int, round_: int) -> list[int]:
+    """The order in which round `round_` of an interleaved timing runs its `count` competitors: one
+    each, starting one competitor later every round, so none always runs right after the same
+    neighbour (a call that follows one with a large footprint runs on a colder cache and allocator)."""
+    start = round_ % count
+    return [*range(start, count), *range(start)]
+
+
 def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1, repeats: int = 3,
                   clock: Callable[[], float] = time.perf_counter) -> dict[str, StepProfile]:
     """Profile every updater of `updaters` (name -> updater) on `batch`, side by side: `warmup`
-    steps each, then `repeats` rounds of one timed step per updater in turn, then each one's FLOPs
-    and peak memory. Runs on copies; returns name -> StepProfile in the mapping's order.
+    steps each, then `repeats` rounds of one timed step per updater in turn (round r starting at
+    the r-th updater, so the order rotates), then each one's FLOPs and peak memory. Runs on
+    copies; returns name -> StepProfile in the mapping's order.
 
     clock: what time_s measures; wall time by default, or e.g. time.process_time (the process's
     CPU time, which other load on a shared machine does not inflate; one thread makes it the
@@ -107,9 +116,11 @@ def profile_steps(updaters: Mapping[str, Any], batch: Any, *, warmup: int = 1, r
         for _ in range(warmup):
             work.step(batch)
     times: dict[str, list[float]] = {name: [] for name in works}
-    for _ in range(repeats):
-        for name, work in works.items():
-            times[name].append(_timed_step(work, batch, _device(work), clock))
+    names = list(works)
+    for round_ in range(repeats):
+        for index in round_order(len(names), round_):
+            name = names[index]
+            times[name].append(_timed_step(works[name], batch, _device(works[name]), clock))
     return {name: _memory_and_flops(work, batch, statistics.median(times[name])) for name, work in works.items()}
 
 
