@@ -35,6 +35,27 @@ UPDATERS = {"zo": {"schedule": "dual"}, "zo-seq": {"schedule": "sequential"}, "m
 CLASSES = {"zo": heron.ZOUpdater, "zo-seq": heron.ZOUpdater, "mezo": heron.MeZOUpdater, "fo": heron.FOUpdater}
 
 
+# What each workload is, for the tables (bench/tables.py).
+DESCRIPTIONS = {
+    "timm-vit-root-tokens": "ViT, root cls_token/pos_embed (dim 192, 4 blocks; 32 images 32x32)",
+    "timm-layer-scale": "ConvNeXt layer-scale blocks (dim 96, 3 blocks; 32 images)",
+    "timm-batchnorm-act": "convs + BatchNormAct2d (width 64; 64 images)",
+    "timm-linear-subclass": "MLP with an nn.Linear subclass (512-1024-1024; batch 256)",
+    "timm-multihead-attention": "nn.MultiheadAttention (dim 256; 32 x 64 tokens)",
+    "timm-tied-head": "tied embedding / output head (vocab 4000, dim 256; 16 x 64 tokens)",
+    "timm-root-parameter": "MLP + root-level scale (512-1024; batch 256)",
+    "hf-gpt2": "Hugging Face GPT-2 (4 layers x 256; 8 x 128 tokens)",
+    "hf-gpt2-lora": "the same, PEFT LoRA r=8",
+    "hf-bert": "Hugging Face BERT classifier (4 x 256; 8 x 128)",
+    "hf-bert-lora": "the same, PEFT LoRA r=8",
+    "hf-llama": "Hugging Face Llama (4 x 256; 8 x 128)",
+    "hf-llama-lora": "the same, PEFT LoRA r=8",
+    "minilm": "pretrained MiniLM-L6 classifier (16 x 64 tokens)",
+    "minilm-lora": "the same, PEFT LoRA r=8",
+    "minilm-b2x32": "pretrained MiniLM-L6 classifier (2 x 32 tokens)",
+}
+
+
 def workloads() -> dict[str, callable]:
     table = {f"timm-{name}": (lambda name=name: tp.pattern(name, "bench")) for name in tp.PATTERNS}
     for name in tp.HF_MODELS:
@@ -54,7 +75,7 @@ def profile(name: str, make, warmup: int, repeats: int, clock) -> dict[str, dict
         warnings.simplefilter("ignore")
         profiles = heron.profile_steps(updaters, work.batch, warmup=warmup, repeats=repeats, clock=clock)
     trainable = sum(p.numel() for p in work.model.parameters() if p.requires_grad)
-    return {"trainable_parameters": trainable, "executor": updaters["zo"].executor,
+    return {"description": DESCRIPTIONS[name], "trainable_parameters": trainable, "executor": updaters["zo"].executor,
             "updaters": {kind: p.as_dict() for kind, p in profiles.items()}}
 
 

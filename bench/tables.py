@@ -1,8 +1,13 @@
-"""Markdown tables of the CPU/GPU kernel benchmarks, from their JSON rows (bench/results), so the
-tables in bench/README.md are printed from the measurements rather than copied by hand.
+"""Markdown tables of the benchmarks, from their JSON results (bench/results), so the tables in
+bench/README.md and the README are printed from the measurements rather than copied by hand.
 
     .venv/bin/python bench/tables.py bench/results/linear_cpu.json bench/results/updates_cpu.json \
         bench/results/stream_cpu.json
+    .venv/bin/python bench/tables.py --any-model bench/results/profile_any_model_cpu.json \
+        bench/results/profile_any_model_cpu_jemalloc.json
+
+The kernel tables take their rows (`stream`, `updates`, `linear` files); `--any-model` takes the
+reports of bench/profile_any_model.py, the first one's times and memory, and each one's ratios.
 """
 
 from __future__ import annotations
@@ -67,10 +72,41 @@ def table(path: Path) -> list[str]:
     return linear_table(rows)
 
 
+_UPDATERS = ("zo", "zo-seq", "mezo", "fo")
+
+
+def _allocator(report: dict) -> str:
+    allocator = report["environment"]["allocator"]
+    return "jemalloc" if "jemalloc" in str(allocator) else "glibc"
+
+
+def any_model_table(reports: list[dict]) -> list[str]:
+    """Time and peak memory per step (the first report) and MeZO time / ZO time (every report),
+    one row per model."""
+    ratios = " | ".join(f"MeZO / ZO, {_allocator(r)} (zo / zo-seq)" for r in reports)
+    lines = [f"| model | trainable | executor | {' | '.join(k + ' s' for k in _UPDATERS)} | peak MB "
+             f"{' / '.join(_UPDATERS)} | {ratios} |", "|---" * (4 + len(_UPDATERS) + len(reports)) + "|"]
+    for name, model in reports[0]["models"].items():
+        u = model["updaters"]
+        cells = [f"{u[k]['time_s']:.3f}" for k in _UPDATERS]
+        memory = " / ".join(f"{u[k]['peak_memory_bytes'] / 1e6:.0f}" for k in _UPDATERS)
+        ratio_cells = []
+        for report in reports:
+            v = report["models"][name]["updaters"]
+            ratio_cells.append(f"{v['mezo']['time_s'] / v['zo']['time_s']:.2f} / "
+                               f"{v['mezo']['time_s'] / v['zo-seq']['time_s']:.2f}")
+        lines.append(f"| {model.get('description', name)} | {model['trainable_parameters']:,} | {model['executor']} | "
+                     f"{' | '.join(cells)} | {memory} | {' | '.join(ratio_cells)} |")
+    return lines
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
         return 2
+    if argv[0] == "--any-model":
+        print("\n".join(any_model_table([json.loads(Path(name).read_text()) for name in argv[1:]])))
+        return 0
     for name in argv:
         print("\n".join(table(Path(name))) + "\n")
     return 0

@@ -339,3 +339,15 @@ def test_smashed_data_of_a_structured_cut_output_is_the_base_stream():
     handle.remove()
     result = ZOUpdater(model, work.loss_fn, lr=0.0, cut=cut).step(work.batch)
     torch.testing.assert_close(result.smashed, captured["out"])
+
+
+def test_gpt2_conv1d_weights_take_low_rank_directions():
+    """Hugging Face GPT-2's projections are transformers' Conv1D (weight (in, out), y = x W + b):
+    with perturbation="lowrank" they take low-rank directions on their stored (in, out) matrix like
+    Linear weights on theirs (the gradient checks above follow updater.lowrank_names), and the plan
+    says so."""
+    work = tp.hugging_face("gpt2", False)
+    updater = ZOUpdater(work.model, work.loss_fn, lr=0.0, perturbation="lowrank", rank=2)
+    conv1d = {n for n, m in work.model.named_modules() if type(m).__name__ == "Conv1D"}
+    assert conv1d and {f"{n}.weight" for n in conv1d} <= updater.lowrank_names
+    assert f"{len(updater.lowrank_names)} Linear/Conv1D/Conv2d weights" in updater.plan().perturbation

@@ -171,7 +171,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict, *, chec
                         help="ZO client step: both streams fused (dual) or one after the other (sequential: "
                              "about half the activation memory)")
     parser.add_argument("--zo-rank", dest="zo_rank", type=int, default=d["zo_rank"],
-                        help="rank of low-rank ZO directions on Linear/Conv2d weights (0: full Gaussian "
+                        help="rank of low-rank ZO directions on Linear/Conv1D/Conv2d weights (0: full Gaussian "
                              "directions)")
     parser.add_argument("--client-upload", dest="client_upload", default=d["client_upload"],
                         help="what ZO clients upload for FedAvg: parameters, or seeds (their steps' seeds and "

@@ -61,7 +61,7 @@ class TrainConfig:
     backend: str | None = None
     client_upload: str = "parameters"  # "seeds": ZO clients upload seed-and-scalar records (heron.sfl.replay)
     zo_schedule: str = "dual"  # ZOUpdater schedule: "dual" (fused streams) or "sequential" (half the activations)
-    zo_rank: int = 0  # > 0: rank-r ZO directions on Linear/Conv2d weights (perturbation="lowrank"); 0: full
+    zo_rank: int = 0  # > 0: rank-r ZO directions on Linear/Conv1D/Conv2d weights (perturbation="lowrank"); 0: full
 
     cut: int | None = None  # split point / auxiliary-head depth of gpt2* and minilm (None: the model's default)
     aux_layers: int | None = None

@@ -424,8 +424,13 @@ def _generic_one_stream_at_a_time(module: nn.Module, args: tuple, kwargs: dict, 
 
 def lowrank_eligible(module: nn.Module) -> bool:
     """Whether perturbation="lowrank" gives this module's weight a low-rank direction: Linear
-    weights (out, in), and ungrouped Conv2d weights (out, in, kh, kw) as (out, in*kh*kw) matrices."""
-    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+    weights (out, in), transformers' Conv1D weights (in, out) (GPT-2's projections, y = x W + b),
+    and ungrouped Conv2d weights (out, in, kh, kw) as (out, in*kh*kw) matrices. The direction is
+    that of the weight's (rows, -1) matrix as stored."""
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+        return True
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers.")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
 def _in_place(module: nn.Module, trainable, args, kwargs, pert: Perturbation) -> Dual:

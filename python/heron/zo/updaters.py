@@ -242,9 +242,9 @@ class ZOUpdater(_Updater):
         direction: "gaussian" (u ~ N(0, I); g = dL/mu * u) or "sphere" (u = z/|z|; g = d * dL/mu * u).
         optimizer: "sgd", "adam" or "adamw", fed the estimate through heron's fused seeded updates.
         params: parameters to train (names or Parameters); default all with requires_grad.
-        perturbation: "full", or "lowrank": Linear weights, and ungrouped Conv2d weights as
-            (out, in*kh*kw) matrices, get Z = U V.T / sqrt(rank) directions, U held for `lazy_steps`
-            steps; other parameters keep full directions.
+        perturbation: "full", or "lowrank": Linear weights, transformers' Conv1D weights (in, out),
+            and ungrouped Conv2d weights as (out, in*kh*kw) matrices, get Z = U V.T / sqrt(rank)
+            directions, U held for `lazy_steps` steps; other parameters keep full directions.
         cut: name of the module whose base-stream output is returned as StepResult.smashed.
         backend: pin a kernel backend ("cpu", "triton", "cuda", "torch"); default the best.
         schedule: "dual" runs the base and perturbed streams together, every Linear/LoRA layer
@@ -320,7 +320,7 @@ class ZOUpdater(_Updater):
         rows = plan_rows(self.model, trainable_ids(dict(self.model.named_parameters()), self.param_names),
                          self.executor, self._graph(),
                          self.schedule)
-        perturbation = (f"low-rank (rank {self.rank}) on {len(self.lowrank_names)} Linear/Conv2d weights, full "
+        perturbation = (f"low-rank (rank {self.rank}) on {len(self.lowrank_names)} Linear/Conv1D/Conv2d weights, full "
                         f"elsewhere" if self.rank else "full")
         reads = {} if self.last_reads is None else {n: sorted(r) for n, r in self.last_reads.items()}
         unread = [] if self.last_reads is None else [n for n in self.param_names if n not in self.last_reads]
