@@ -84,17 +84,22 @@ def check_finite_float32(t: torch.Tensor, name: str) -> None:
 
 def _check_disjoint(*named: tuple[torch.Tensor, str]) -> None:
     """Raise a ValueError when two of the tensors share memory (the same tensor, views of each other,
-    or partly overlapping views): an in-place op that writes one while reading another would be wrong."""
+    or partly overlapping views): an in-place op that writes one while reading another would be wrong.
+    Sorted by start address, so many tensors (a whole model's parameters and moments) check quickly."""
     spans = []
     for t, name in named:
         if t.numel():
             extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
             spans.append((t.data_ptr(), t.data_ptr() + extent * t.element_size(), name))
-    for i, (start_a, end_a, name_a) in enumerate(spans):
-        for start_b, end_b, name_b in spans[i + 1:]:
-            if start_a < end_b and start_b < end_a:
-                raise ValueError(f"{name_a} and {name_b} must not share memory, got overlapping byte ranges "
-                                 f"[{start_a:#x}, {end_a:#x}) and [{start_b:#x}, {end_b:#x})")
+    spans.sort(key=lambda span: span[0])
+    furthest = None  # the span reaching furthest among those before
+    for span in spans:
+        if furthest is not None and span[0] < furthest[1]:
+            first, second = furthest, span
+            raise ValueError(f"{first[2]} and {second[2]} must not share memory, got overlapping byte ranges "
+                             f"[{first[0]:#x}, {first[1]:#x}) and [{second[0]:#x}, {second[1]:#x})")
+        if furthest is None or span[1] > furthest[1]:
+            furthest = span
 
 
 def check_betas(betas: object) -> tuple[float, float]:
@@ -395,6 +400,32 @@ def zo_sgd_update_(
         param=p, seeds=seeds, grads=grads, lr=lr, weight_decay=weight_decay, **keys, backend=name))
 
 
+def _check_moments(param: torch.Tensor, exp_avg: object, exp_avg_sq: object, index: str = "") -> None:
+    """Adam's moments of `param`: float32 tensors of its shape on its device, contiguous (names
+    suffixed with `index`, e.g. "[3]", when checking one of many)."""
+    for t, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
+        name = f"{name}s{index}" if index else name
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
+            raise TypeError(f"{name} must be a float32 tensor, got "
+                            f"{_describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        _check_like(t, name, param, f"params{index}" if index else "param", dtype=False)
+        _check_shape(t, name, tuple(param.shape), "param's shape")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _adam_hyper(lr, step, betas, eps, weight_decay, decoupled_weight_decay) -> dict[str, float | int | bool]:
+    """The Adam ops' hyperparameter arguments, checked."""
+    beta1, beta2 = check_betas(betas)
+    step = check_int(step, "step", limit=2**62)
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {step}")
+    return {"lr": check_scalar(lr, "lr"), "beta1": beta1, "beta2": beta2,
+            "eps": check_scalar(eps, "eps", non_negative=True),
+            "weight_decay": check_scalar(weight_decay, "weight_decay", non_negative=True), "step": step,
+            "decoupled_weight_decay": bool(decoupled_weight_decay)}
+
+
 def zo_adam_update_(
     param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
     seed: int | Sequence[tuple[int, float]], grad: float | torch.Tensor | None = None, *, lr: float, step: int,
@@ -415,27 +446,12 @@ def zo_adam_update_(
         param, updated in place (moments too).
     """
     _check_param(param)
-    for t, name in ((exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq")):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor, got "
-                            f"{_describe(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        _check_like(t, name, param, "param", dtype=False)
-        _check_shape(t, name, tuple(param.shape), "param's shape")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+    _check_moments(param, exp_avg, exp_avg_sq)
     _check_disjoint((param, "param"), (exp_avg, "exp_avg"), (exp_avg_sq, "exp_avg_sq"))
     seeds, grads = _directions(seed, grad, param.device)
-    lr = check_scalar(lr, "lr")
-    beta1, beta2 = check_betas(betas)
-    eps = check_scalar(eps, "eps", non_negative=True)
-    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
-    step = check_int(step, "step", limit=2**62)
-    if step < 1:
-        raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {step}")
+    hyper = _adam_hyper(lr, step, betas, eps, weight_decay, decoupled_weight_decay)
     offset = check_key(0, offset, param.numel())[1]
     name = _backend_name(backend, param.device)
-    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "step": step,
-             "decoupled_weight_decay": bool(decoupled_weight_decay)}
     if rank == 0:
         return _in_place(param, lambda p: torch.ops.heron.zo_adam_update_(
             param=p, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, seeds=seeds, grads=grads, offset=offset, **hyper,
@@ -443,6 +459,68 @@ def zo_adam_update_(
     keys = _lowrank_keys(param, seeds, offset, rank, u_seed, u_offset, v_offset)
     return _in_place(param, lambda p: torch.ops.heron.lowrank_zo_adam_update_(
         param=p, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, seeds=seeds, grads=grads, **hyper, **keys, backend=name))
+
+
+def _checked_params(params: object, offsets: object) -> tuple[list[torch.Tensor], list[int]]:
+    """params (a sequence of tensors on one device) and their first counters, checked by index."""
+    if not isinstance(params, Sequence) or isinstance(params, torch.Tensor) or not params:
+        raise TypeError(f"params must be a non-empty sequence of tensors, got {type(params).__name__}")
+    params = [_check_param(p, f"params[{i}]") for i, p in enumerate(params)]
+    if not isinstance(offsets, Sequence) or len(offsets) != len(params):
+        got = f"{len(offsets)} offsets" if isinstance(offsets, Sequence) else type(offsets).__name__
+        raise ValueError(f"offsets must hold one first counter per parameter ({len(params)}), got {got}")
+    for i, p in enumerate(params[1:], 1):
+        _check_like(p, f"params[{i}]", params[0], "params[0]", dtype=False)
+    return params, [check_key(0, o, p.numel())[1] for p, o in zip(params, offsets, strict=True)]
+
+
+def zo_sgd_update_many_(
+    params: Sequence[torch.Tensor], seed: int | Sequence[tuple[int, float]],
+    grad: float | torch.Tensor | None = None, *, lr: float, offsets: Sequence[int], weight_decay: float = 0.0,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
+    """zo_sgd_update_ (full directions) of every tensor of `params`, params[i] keyed from offsets[i]:
+    one call for a whole model's parameters (what a ZO step's optimizer does), every argument checked
+    before any tensor is written, the shared ones once. Returns params, updated in place."""
+    params, offsets = _checked_params(params, offsets)
+    _check_disjoint(*((p, f"params[{i}]") for i, p in enumerate(params)))
+    seeds, grads = _directions(seed, grad, params[0].device)
+    lr = check_scalar(lr, "lr")
+    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
+    name = _backend_name(backend, params[0].device)
+    for param, offset in zip(params, offsets, strict=True):
+        _in_place(param, lambda p, offset=offset: torch.ops.heron.zo_sgd_update_(
+            param=p, seeds=seeds, grads=grads, offset=offset, lr=lr, weight_decay=weight_decay, backend=name))
+    return params
+
+
+def zo_adam_update_many_(
+    params: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+    seed: int | Sequence[tuple[int, float]], grad: float | torch.Tensor | None = None, *, lr: float, step: int,
+    offsets: Sequence[int], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False, backend: str | None = None,
+) -> list[torch.Tensor]:
+    """zo_adam_update_ (full directions) of every tensor of `params` with its moments exp_avgs[i],
+    exp_avg_sqs[i], keyed from offsets[i]: one call for a whole model's parameters, every argument
+    checked before any tensor is written (no two of all the tensors may share memory), the shared
+    ones once. Returns params, updated in place (moments too)."""
+    params, offsets = _checked_params(params, offsets)
+    for moments, name in ((exp_avgs, "exp_avgs"), (exp_avg_sqs, "exp_avg_sqs")):
+        if not isinstance(moments, Sequence) or len(moments) != len(params):
+            got = f"{len(moments)} tensors" if isinstance(moments, Sequence) else type(moments).__name__
+            raise ValueError(f"{name} must hold one tensor per parameter ({len(params)}), got {got}")
+    for i, (param, exp_avg, exp_avg_sq) in enumerate(zip(params, exp_avgs, exp_avg_sqs, strict=True)):
+        _check_moments(param, exp_avg, exp_avg_sq, f"[{i}]")
+    _check_disjoint(*((t, f"{name}[{i}]") for name, tensors in (("params", params), ("exp_avgs", exp_avgs),
+                                                                  ("exp_avg_sqs", exp_avg_sqs))
+                      for i, t in enumerate(tensors)))
+    seeds, grads = _directions(seed, grad, params[0].device)
+    hyper = _adam_hyper(lr, step, betas, eps, weight_decay, decoupled_weight_decay)
+    name = _backend_name(backend, params[0].device)
+    for param, exp_avg, exp_avg_sq, offset in zip(params, exp_avgs, exp_avg_sqs, offsets, strict=True):
+        _in_place(param, lambda p, m=exp_avg, v=exp_avg_sq, offset=offset: torch.ops.heron.zo_adam_update_(
+            param=p, exp_avg=m, exp_avg_sq=v, seeds=seeds, grads=grads, offset=offset, **hyper, backend=name))
+    return params
 
 
 def perturb_(param: torch.Tensor, seed: int, *, alpha: float, offset: int = 0,

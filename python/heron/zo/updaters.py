@@ -475,8 +475,23 @@ class ZOUpdater(_Updater):
     def _apply(self, step: int, seeds: list[int], grads: list[float], targets: list) -> None:
         pairs = list(zip(seeds, grads, strict=True))
         u_seed = self.u_seed(step) if self.rank else None
+        full = [(entry, stored, param) for entry, stored, param, rank in targets if not rank]
+        if full:  # one call for every full-direction parameter: the checks and dispatch paid once
+            params, offsets = [param for _, _, param in full], [entry.offset for entry, _, _ in full]
+            if self.optimizer == "sgd":
+                HF.zo_sgd_update_many_(params, pairs, lr=self.lr, offsets=offsets, weight_decay=self.weight_decay,
+                                       backend=self.backend)
+            else:
+                moments = [[m.view(param.shape) for m in self._moments(entry.name, stored)]
+                           for entry, stored, param in full]
+                HF.zo_adam_update_many_(params, [m for m, _ in moments], [v for _, v in moments], pairs,
+                                        lr=self.lr, step=step + 1, offsets=offsets, betas=self.betas, eps=self.eps,
+                                        weight_decay=self.weight_decay,
+                                        decoupled_weight_decay=self.optimizer == "adamw", backend=self.backend)
         for entry, stored, param, rank in targets:
-            lowrank = {"rank": rank, "u_seed": u_seed if rank else None}
+            if not rank:
+                continue
+            lowrank = {"rank": rank, "u_seed": u_seed}
             if self.optimizer == "sgd":
                 HF.zo_sgd_update_(param, pairs, lr=self.lr, offset=entry.offset, weight_decay=self.weight_decay,
                                   backend=self.backend, **lowrank)
