@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from heron.kernels import backends
 from heron.kernels import functional as HF
 from heron.kernels.stream import ParameterLayout, seeded_randn
 
@@ -70,6 +71,10 @@ class Perturbation:
     def record(self, name: str, route: str) -> None:
         self.reads.setdefault(name, set()).add(route)
 
+    def backend_for(self, device: torch.device) -> str:
+        """The kernel backend this perturbation's ops run with on `device` (`backend` resolved)."""
+        return backends.resolve(self.backend, device)
+
 
 def lowrank_factors(weight: torch.Tensor, name: str, pert: Perturbation) -> tuple[torch.Tensor, torch.Tensor, float]:
     """U (out, r), V (fan_in, r) of the low-rank direction of `weight` (its (out, fan_in) matrix
@@ -89,6 +94,11 @@ def _perturb(target: torch.Tensor, name: str, pert: Perturbation,
     if pert.is_lowrank(name):
         u, v, alpha = lowrank if lowrank is not None else lowrank_factors(target, name, pert)
         target.view(target.shape[0], -1).addmm_(u, v.t(), alpha=alpha)
+    elif target.is_contiguous():
+        # the op itself: seed, scale and the layout's offsets were checked when the updater was built,
+        # and this runs once per parameter and pass (the functional's checks cost twice the op's call)
+        torch.ops.heron.perturb_(param=target, seed=pert.seed, offset=pert.layout.offset(name), alpha=pert.scale,
+                                 backend=pert.backend_for(target.device))
     else:
         HF.perturb_(target, pert.seed, alpha=pert.scale, offset=pert.layout.offset(name), backend=pert.backend)
 
