@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import heron
 from heron.zo.coverage import trainable_ids
 from heron.zo.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, trace
+from heron.zo.generic import shared_dropout
 from tests.helpers import gamma
 
 MU = 1e-2
@@ -234,3 +236,67 @@ def test_an_activation_bound_generic_block_runs_its_streams_one_at_a_time(rows, 
     torch.testing.assert_close(out.pert, want_pert, rtol=1e-4, atol=1e-5)
     for (name, b), (_, c) in zip(model.named_buffers(), plain.named_buffers(), strict=True):
         torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=f"{name} is not the base stream's")
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_shared_dropout_is_f_dropout_bit_for_bit(p, dtype, inplace):
+    """One mask for both streams, drawn once: the base stream gets exactly F.dropout's output (and the
+    perturbed one the same mask and scale), and the generator ends where one F.dropout leaves it."""
+    base = torch.randn(64, 33, generator=torch.Generator().manual_seed(4)).to(dtype)
+    pert = base + 0.25
+    torch.manual_seed(9)
+    want_base, want_pert = nn.functional.dropout(base, p, True), None
+    state_after_one = torch.get_rng_state()
+    torch.manual_seed(9)
+    want_pert = nn.functional.dropout(pert, p, True)
+    torch.manual_seed(9)
+    got_base, got_pert = shared_dropout(base.clone(), pert.clone(), p, inplace)
+    assert torch.equal(got_base, want_base) and torch.equal(got_pert, want_pert)
+    assert torch.equal(torch.get_rng_state(), state_after_one)
+
+
+class _Bernoullis(TorchDispatchMode):
+    """Counts the random mask draws (aten.bernoulli_) of what runs inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket is torch.ops.aten.bernoulli_
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionalDropoutNet(nn.Module):
+    """Functional dropout of a perturbed value in a module heron.zo.generic runs (a root parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(8, 64), nn.Linear(64, 3)
+        self.scale = nn.Parameter(torch.ones(64))
+
+    def forward(self, x):
+        return self.out(nn.functional.dropout(self.fc(x) * self.scale, 0.5, self.training))
+
+
+@pytest.mark.parametrize("executor", ["fx", "generic"])
+@pytest.mark.parametrize("schedule", ["dual", "sequential"])
+@pytest.mark.parametrize("model", ["module", "functional"])
+def test_a_dual_forward_draws_each_dropout_mask_once(model, schedule, executor):
+    """Dropout after a perturbed layer (nn.Dropout, F.dropout) draws one mask for both streams in the
+    dual schedule (the sequential one draws it in each pass, as two plain forwards do), and the
+    step's estimate is unchanged: the same as with the streams drawn separately."""
+    net = with_dropout().train() if model == "module" else _FunctionalDropoutNet().train()
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    loss_fn = lambda out, _: out.square().mean()  # noqa: E731
+    updater = heron.ZOUpdater(net, loss_fn, lr=0.0, schedule=schedule, executor=executor)
+    reference = heron.ZOUpdater(copy.deepcopy(net), loss_fn, lr=0.0, schedule="sequential", executor=executor)
+    torch.manual_seed(7)
+    with _Bernoullis() as counter:
+        result = updater.step((x, None))
+    assert counter.count == (1 if schedule == "dual" else 2)
+    torch.manual_seed(7)
+    assert result.projected_grads == pytest.approx(reference.step((x, None)).projected_grads, rel=1e-4, abs=1e-6)

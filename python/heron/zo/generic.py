@@ -30,6 +30,7 @@ sequential schedule (one stream at a time) has neither limit.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -183,6 +184,43 @@ class _RandomFork:
             g.set_state(state)
 
 
+def dropout_call(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, float, bool] | None:
+    """(input, p, inplace) of a call that is dropout in training (`F.dropout`, or an nn.Dropout module
+    keeping its forward) with 0 < p < 1, else None."""
+    if isinstance(fn, nn.Dropout) and type(fn).forward is nn.Dropout.forward:
+        if kwargs or len(args) != 1 or not fn.training:
+            return None
+        input, p, inplace = args[0], fn.p, fn.inplace  # noqa: A001 - F.dropout's argument name
+    elif fn is nn.functional.dropout:
+        try:
+            bound = _DROPOUT_SIGNATURE.bind(*args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        if not bound.arguments["training"]:
+            return None
+        input, p, inplace = bound.arguments["input"], bound.arguments["p"], bound.arguments["inplace"]  # noqa: A001
+    else:
+        return None
+    return (input, float(p), bool(inplace)) if isinstance(p, (int, float)) and 0.0 < p < 1.0 else None
+
+
+_DROPOUT_SIGNATURE = inspect.signature(nn.functional.dropout)
+
+
+def shared_dropout(base: torch.Tensor, pert: torch.Tensor, p: float,
+                   inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout of both streams with one mask, drawn once: F.dropout of a tensor of ones is the mask
+    F.dropout(base) would apply, scaled (0 or 1 / (1 - p), exactly), from the same draws, so
+    base * noise is F.dropout(base) bit for bit and the generator ends where one dropout leaves it.
+    The perturbed stream multiplies by the same noise instead of drawing it again (half the
+    random-number work of dropout in a dual-stream forward)."""
+    noise = nn.functional.dropout(torch.ones_like(base), p, True)
+    if inplace:
+        return base.mul_(noise), pert.mul_(noise)
+    return base * noise, pert * noise
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
@@ -274,6 +312,11 @@ class StreamMode(TorchFunctionMode):
                 f"{_name(func)} writes a value computed from perturbed parameters into a tensor of shape "
                 f"{tuple(target.shape)} created outside the perturbed computation; the dual schedule cannot hold two "
                 f"streams in it. Use schedule='sequential', or write the forward out of place")
+        dropout = dropout_call(func, args, kwargs)
+        if dropout is not None and type(dropout[0]) is DualTensor:
+            x, p, inplace = dropout
+            base, pert = shared_dropout(x.base, x.pert, p, inplace)
+            return x if inplace else DualTensor(base, pert)
         fork = _RandomFork(_generators(leaves, kwargs))
         base = func(*_map(args, _base), **_map(kwargs, _base))
         fork.rewind()
