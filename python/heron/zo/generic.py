@@ -18,7 +18,8 @@ Streams:
   weight serves both streams; the perturbed weight is never formed); every other read of a
   trainable parameter takes a perturbed copy for the perturbed stream's call. Random calls draw
   the same numbers in both streams (the generator is rewound between them), so module and
-  functional dropout (`F.dropout`, SDPA's `dropout_p`, ...) apply one mask to both. Model buffers
+  functional dropout (`F.dropout`, SDPA's `dropout_p`, ...) apply one mask to both; `F.dropout`
+  and nn.Dropout draw it once and apply it to both (`shared_dropout`). Model buffers
   passed to a perturbed-stream call are copies, so BatchNorm statistics (and any buffer a call
   updates) follow the base stream only.
 

@@ -266,7 +266,8 @@ class ZOUpdater(_Updater):
 
     Dropout: every forward of a step starts from the random generators' state at the step's start,
     and both streams of a call draw the same numbers, so module and functional dropout apply the
-    masks one plain forward would draw, to both streams and in both schedules.
+    masks one plain forward would draw, to both streams and in both schedules. In the dual schedule
+    nn.Dropout and F.dropout draw each mask once for both streams (half the random-number work).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, *, mu: float = 1e-3, q: int = 1,
