@@ -53,7 +53,16 @@ from torch.utils import _pytree as pytree
 
 from heron.kernels import functional as HF
 from heron.kernels.nn import LoRALinear, PerturbedLinear
-from heron.zo.generic import DualTensor, base_of, dropout_call, pert_of, random_fork, run_module, shared_dropout
+from heron.zo.generic import (
+    DualTensor,
+    base_of,
+    can_share_dropout,
+    dropout_call,
+    pert_of,
+    random_fork,
+    run_module,
+    shared_dropout,
+)
 from heron.zo.perturbation import (
     Perturbation,
     PerturbedInPlace,
@@ -164,7 +173,7 @@ def _apply_both(fn: Callable, args: tuple, kwargs: dict, pert: Perturbation | No
     if not _has_pert((args, kwargs)):
         return Dual(fn(*_map(args, lambda d: d.base), **_map(kwargs, lambda d: d.base)))
     dropout = dropout_call(fn, args, kwargs)
-    if (dropout is not None and isinstance(dropout[0], Dual) and isinstance(dropout[0].base, torch.Tensor)
+    if (dropout is not None and isinstance(dropout[0], Dual) and can_share_dropout(dropout[0].base)
             and isinstance(dropout[0].pert, torch.Tensor)):
         x, p, inplace = dropout
         return Dual(*shared_dropout(x.base, x.pert, p, inplace))

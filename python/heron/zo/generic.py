@@ -209,13 +209,20 @@ def dropout_call(fn: Callable, args: tuple, kwargs: dict) -> tuple[Any, float, b
 _DROPOUT_SIGNATURE = inspect.signature(nn.functional.dropout)
 
 
+def can_share_dropout(base: object) -> bool:
+    """Whether shared_dropout reproduces F.dropout on this tensor bit for bit: on the CPU (ATen
+    scales its mask in the tensor's dtype, as shared_dropout does) and for float32 on CUDA (the fused
+    kernel scales in float32); half-precision CUDA tensors draw per stream instead."""
+    return isinstance(base, torch.Tensor) and (base.device.type == "cpu" or base.dtype == torch.float32)
+
+
 def shared_dropout(base: torch.Tensor, pert: torch.Tensor, p: float,
                    inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Dropout of both streams with one mask, drawn once: F.dropout of a tensor of ones is the mask
-    F.dropout(base) would apply, scaled (0 or 1 / (1 - p), exactly), from the same draws, so
-    base * noise is F.dropout(base) bit for bit and the generator ends where one dropout leaves it.
-    The perturbed stream multiplies by the same noise instead of drawing it again (half the
-    random-number work of dropout in a dual-stream forward)."""
+    F.dropout(base) would apply, scaled (0 or 1 / (1 - p)), from the same draws, so base * noise is
+    F.dropout(base) bit for bit (where can_share_dropout) and the generator ends where one dropout
+    leaves it. The perturbed stream multiplies by the same noise instead of drawing it again (half
+    the random-number work of dropout in a dual-stream forward)."""
     noise = nn.functional.dropout(torch.ones_like(base), p, True)
     if inplace:
         return base.mul_(noise), pert.mul_(noise)
@@ -314,7 +321,7 @@ class StreamMode(TorchFunctionMode):
                 f"{tuple(target.shape)} created outside the perturbed computation; the dual schedule cannot hold two "
                 f"streams in it. Use schedule='sequential', or write the forward out of place")
         dropout = dropout_call(func, args, kwargs)
-        if dropout is not None and type(dropout[0]) is DualTensor:
+        if dropout is not None and type(dropout[0]) is DualTensor and can_share_dropout(dropout[0].base):
             x, p, inplace = dropout
             base, pert = shared_dropout(x.base, x.pert, p, inplace)
             return x if inplace else DualTensor(base, pert)
