@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import heron
 from heron.zo.coverage import trainable_ids
 from heron.zo.dual import Dual, DualStreamInterpreter, Perturbation, cut_node_name, trace
-from heron.zo.generic import shared_dropout
+from heron.zo.generic import can_share_dropout, shared_dropout
 from tests.helpers import gamma
 
 MU = 1e-2
@@ -300,3 +300,12 @@ def test_a_dual_forward_draws_each_dropout_mask_once(model, schedule, executor):
     assert counter.count == (1 if schedule == "dual" else 2)
     torch.manual_seed(7)
     assert result.projected_grads == pytest.approx(reference.step((x, None)).projected_grads, rel=1e-4, abs=1e-6)
+
+
+def test_masks_are_shared_only_where_the_result_is_f_dropouts():
+    """CPU tensors of any float dtype, and float32 elsewhere (CUDA's fused dropout scales in float32;
+    for half precision there sharing would round the scale first)."""
+    assert can_share_dropout(torch.empty(2, dtype=torch.bfloat16))
+    assert can_share_dropout(torch.empty(2, device="meta"))
+    assert not can_share_dropout(torch.empty(2, device="meta", dtype=torch.float16))
+    assert not can_share_dropout(None)
