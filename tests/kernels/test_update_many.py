@@ -91,3 +91,15 @@ def test_offsets_must_match_the_params():
         HF.zo_sgd_update_many_(params, PAIRS, lr=0.1, offsets=OFFSETS[:4])
     with pytest.raises(TypeError, match="params must be a non-empty sequence of tensors, got Tensor"):
         HF.zo_sgd_update_many_(params[0], PAIRS, lr=0.1, offsets=[0])
+
+
+def test_a_non_contiguous_parameter_is_updated_through_a_copy():
+    """A transposed view among the parameters is updated as zo_sgd_update_ updates it (through a
+    contiguous copy written back), in the same call as the others."""
+    base = torch.randn(7, 5, generator=torch.Generator().manual_seed(6))
+    params = [torch.randn(33), base.t()]
+    singles = [params[0].clone(), base.clone().t()]
+    HF.zo_sgd_update_many_(params, PAIRS, lr=0.1, offsets=[0, 40])
+    for single, offset in zip(singles, [0, 40], strict=True):
+        HF.zo_sgd_update_(single, PAIRS, lr=0.1, offset=offset)
+    assert torch.equal(params[0], singles[0]) and torch.equal(base.t(), singles[1])
