@@ -31,8 +31,10 @@ import heron  # noqa: E402
 from heron.profiling.environment import environment  # noqa: E402
 from tests.zo import third_party as tp  # noqa: E402
 
-UPDATERS = {"zo": {"schedule": "dual"}, "zo-seq": {"schedule": "sequential"}, "mezo": {}, "fo": {}}
-CLASSES = {"zo": heron.ZOUpdater, "zo-seq": heron.ZOUpdater, "mezo": heron.MeZOUpdater, "fo": heron.FOUpdater}
+UPDATERS = {"zo": {"schedule": "dual"}, "zo-seq": {"schedule": "sequential"},
+            "zo-inplace": {"schedule": "sequential", "executor": "in_place"}, "mezo": {}, "fo": {}}
+CLASSES = {"zo": heron.ZOUpdater, "zo-seq": heron.ZOUpdater, "zo-inplace": heron.ZOUpdater, "mezo": heron.MeZOUpdater,
+           "fo": heron.FOUpdater}
 
 
 # What each workload is, for the tables (bench/tables.py).
@@ -98,14 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {unknown}; valid: {list(table)}")
     results = {}
     print(f"{'model':<26} {'trainable':>10} {'executor':>8}  " + "  ".join(f"{k + ' s':>9} {k + ' MB':>9}"
-                                                                         for k in UPDATERS) + "  mezo/zo  mezo/zo-seq")
+                                                                         for k in UPDATERS) + "  mezo/zo  mezo/zo-seq  mezo/zo-inplace")
     for name in names:
         result = profile(name, table[name], args.warmup, args.repeats, clock)
         results[name] = result
         u = result["updaters"]
         cells = "  ".join(f"{u[k]['time_s']:9.3f} {u[k]['peak_memory_bytes'] / 1e6:9.1f}" for k in UPDATERS)
         print(f"{name:<26} {result['trainable_parameters']:>10} {result['executor']:>8}  {cells}  "
-              f"{u['mezo']['time_s'] / u['zo']['time_s']:7.2f}  {u['mezo']['time_s'] / u['zo-seq']['time_s']:11.2f}",
+              f"{u['mezo']['time_s'] / u['zo']['time_s']:7.2f}  {u['mezo']['time_s'] / u['zo-seq']['time_s']:11.2f}  "
+              f"{u['mezo']['time_s'] / u['zo-inplace']['time_s']:15.2f}",
               flush=True)
     if args.json:
         report = {"models": results, "environment": environment(), "threads": torch.get_num_threads(),

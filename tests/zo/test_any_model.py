@@ -119,7 +119,7 @@ def check_replay(work: tp.Workload, schedule: str, **kwargs) -> None:
     """Two Adam steps of a client; a replica replays them from (step, seeds, scalars): bit-identical."""
     replica = copy.deepcopy(work.model)
     client = ZOUpdater(work.model, work.loss_fn, lr=1e-3, optimizer="adam", seed=7, schedule=schedule, **kwargs)
-    replayer = ZOUpdater(replica, work.loss_fn, lr=1e-3, optimizer="adam", seed=7, **kwargs)
+    replayer = ZOUpdater(replica, work.loss_fn, lr=1e-3, optimizer="adam", seed=7, schedule=schedule, **kwargs)
     for _ in range(2):
         result = client.step(work.batch)
         replayer.apply(result.step, result.seeds, result.projected_grads)
@@ -351,3 +351,71 @@ def test_gpt2_conv1d_weights_take_low_rank_directions():
     conv1d = {n for n, m in work.model.named_modules() if type(m).__name__ == "Conv1D"}
     assert conv1d and {f"{n}.weight" for n in conv1d} <= updater.lowrank_names
     assert f"{len(updater.lowrank_names)} Linear/Conv1D/Conv2d weights" in updater.plan().perturbation
+
+
+# -- executor="in_place": MeZO's access pattern (every trainable parameter written in place for the
+# perturbed pass, restored from a copy), with heron's direction, estimate and fused update --------
+
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
+@pytest.mark.parametrize("pattern", tp.PATTERNS)
+def test_in_place_executor_gradient_matches_functional_call(pattern, perturbation):
+    work = tp.pattern(pattern)
+    lowrank = {"perturbation": "lowrank", "rank": 2} if perturbation == "lowrank" else {}
+    updater = check_step_against_reference(work.model, work.loss_fn, work.batch, schedule="sequential",
+                                           executor="in_place", **lowrank)
+    assert updater.executor == "in_place"
+    assert {name for name, routes in updater.plan().reads.items() if "in place" in routes} == set(updater.param_names)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["bare", "peft-lora"])
+@pytest.mark.parametrize("name", tp.HF_MODELS)
+def test_in_place_executor_on_hugging_face_matches_functional_call(name, lora):
+    pytest.importorskip("peft")
+    work = tp.hugging_face(name, lora)
+    check_step_against_reference(work.model, work.loss_fn, work.batch, mu=0.1, seed=6, schedule="sequential",
+                                 executor="in_place")
+
+
+@pytest.mark.parametrize("pattern", ["batchnorm-act", "tied-head", "root-parameter"])
+def test_in_place_executor_replay_is_bit_identical(pattern):
+    check_replay(tp.pattern(pattern), "sequential", executor="in_place")
+
+
+def test_in_place_executor_statistics_follow_the_base_stream():
+    work = tp.pattern("batchnorm-act")
+    plain = copy.deepcopy(work.model)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        plain(work.batch[0])
+    torch.set_rng_state(state)
+    model = copy.deepcopy(work.model)
+    ZOUpdater(model, work.loss_fn, lr=0.0, q=2, schedule="sequential", executor="in_place").step(work.batch)
+    for key, value in plain.state_dict().items():
+        if "running" in key or "num_batches" in key:
+            assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_in_place_executor_takes_the_sequential_schedule_only():
+    work = tp.pattern("layer-scale")
+    before = {n: p.detach().clone() for n, p in work.model.named_parameters()}
+    with pytest.raises(ValueError, match="executor='in_place' runs one stream at a time: pass schedule='sequential'"):
+        ZOUpdater(work.model, work.loss_fn, lr=0.1, executor="in_place")
+    assert all(torch.equal(p, before[n]) for n, p in work.model.named_parameters())
+
+
+def test_in_place_executor_restores_the_parameters_when_the_forward_fails():
+    """A forward that raises inside the perturbed pass leaves every parameter as it was, bit for bit."""
+    work = tp.pattern("root-parameter")
+    before = {n: p.detach().clone() for n, p in work.model.named_parameters()}
+    calls = []
+
+    def failing_loss(out, y):
+        calls.append(1)
+        if len(calls) == 1:  # the perturbed pass runs first
+            raise RuntimeError("boom")
+        return work.loss_fn(out, y)
+
+    updater = ZOUpdater(work.model, failing_loss, lr=0.1, schedule="sequential", executor="in_place")
+    with pytest.raises(RuntimeError, match="boom"):
+        updater.step(work.batch)
+    assert all(torch.equal(p, before[n]) for n, p in work.model.named_parameters())

@@ -10,6 +10,11 @@ Executors (heron.zo.dual, heron.zo.generic):
 - "generic": the model's own forward, every parameter perturbed where it is read. Needs nothing
   but an nn.Module; the default for models torch.fx cannot trace (Hugging Face models, PEFT
   wrappers, forwards with data-dependent control flow).
+- "in_place": MeZO's access pattern with heron's direction, estimate and update: for the perturbed
+  pass every trainable parameter is written in place (theta + scale * z) and restored from a copy
+  after it, and the model's own forward runs untouched, with no executor in it. Sequential
+  schedule only (one stream at a time); it holds a copy of the trainable parameters during the
+  perturbed pass, and it cannot tell which parameters the forward read (all are perturbed).
 "auto" (the default) takes "fx" when the model traces, else "generic".
 
 Either way a parameter is perturbed where a torch call reads it, which covers every parameter
@@ -29,7 +34,7 @@ from torch import nn
 from heron.kernels import functional as HF
 from heron.zo.dual import GENERIC, leaf_route, trace
 
-EXECUTORS = ("auto", "fx", "generic")
+EXECUTORS = ("auto", "fx", "generic", "in_place")
 _COMPILED = ("OptimizedModule",)  # torch.compile's wrapper (torch._dynamo.eval_frame), named to avoid importing dynamo
 
 
@@ -90,6 +95,9 @@ def choose_executor(model: nn.Module, requested: str) -> tuple[str, torch.fx.Gra
         raise ValueError(f"executor must be one of {EXECUTORS}, got {requested!r}")
     if requested == "generic":
         return "generic", None, "executor='generic' was asked for"
+    if requested == "in_place":
+        return "in_place", None, ("executor='in_place' was asked for: trainable parameters written in place for the "
+                                  "perturbed pass and restored from a copy, the model's forward run as it is")
     if _global_hooks():
         if requested == "fx":
             raise TypeError("global module hooks are registered (torch.nn.modules.module.register_module_forward_"
@@ -182,6 +190,13 @@ def plan_rows(model: nn.Module, ids: dict[int, str], executor: str, graph_module
                     rows.append(PlanRow(owner, type(modules[owner]).__name__, "copy where read", (name,),
                                         "read directly by the traced forward: perturbed where read"))
                     covered.add(name)
+    elif executor == "in_place":
+        for module_name, module in modules.items():
+            params = tuple(n for n in names_in(module, False) if n not in covered)
+            if params:
+                covered.update(params)
+                rows.append(PlanRow(module_name, type(module).__name__, "in place", params,
+                                    "written in place for the perturbed pass, restored from a copy after it"))
     else:
         for module_name, module in modules.items():
             params = tuple(n for n in names_in(module, False) if n not in covered)

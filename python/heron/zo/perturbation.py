@@ -121,14 +121,18 @@ class PerturbedInPlace:
         self.saved: list[torch.Tensor] = []
 
     def __enter__(self):
-        for name, p in self.trainable:
-            self.saved.append(p.detach().clone())
-            self.pert.record(name, "in place")
-            _perturb(p.data, name, self.pert, self.lowrank.get(name))
+        try:
+            for name, p in self.trainable:
+                self.saved.append(p.detach().clone())
+                self.pert.record(name, "in place")
+                _perturb(p.data, name, self.pert, self.lowrank.get(name))
+        except BaseException:
+            self.__exit__()  # what was written so far is restored before the error propagates
+            raise
         return self
 
     def __exit__(self, *exc):
-        for (_, p), old in zip(self.trainable, self.saved, strict=True):
+        for (_, p), old in zip(self.trainable, self.saved, strict=False):  # strict=False: a partial __enter__
             p.data.copy_(old)
         self.saved.clear()
         return False

@@ -23,6 +23,7 @@ scalars, with the same torch.Generator on the same device: the parameters come o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -39,7 +40,7 @@ from heron.kernels.stream import ParameterLayout, check_int, derive_seed, seeded
 from heron.zo.coverage import Plan, check_coverage, check_dtypes, choose_executor, plan_rows, trainable_ids
 from heron.zo.dual import DualStreamInterpreter, as_tensors, cut_node_name, detached, lowrank_eligible, trace
 from heron.zo.generic import DualTensor, StreamError, base_of, run_in_stream, run_module
-from heron.zo.perturbation import Perturbation
+from heron.zo.perturbation import Perturbation, PerturbedInPlace
 
 U_STREAM = 2**62  # index that separates the low-rank U seeds from the per-direction seeds
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -256,7 +257,10 @@ class ZOUpdater(_Updater):
             the weights once per stream. The two schedules compute the same estimate (same
             directions, full or low-rank; same losses up to rounding).
         executor: "auto" (torch.fx's dual-stream executor when the model traces, else the generic
-            one), "fx" or "generic"; see heron.zo.coverage and `plan()`.
+            one), "fx", "generic", or "in_place" (sequential schedule only: each trainable parameter
+            written in place for the perturbed pass and restored from a copy, the model's forward run
+            as it is: the least work per pass on small activation-bound models, a copy of the
+            trainable parameters held during the pass); see heron.zo.coverage and `plan()`.
         conv_chunks: True (default) runs a Conv2d whose input or output exceeds a few MiB in batch
             chunks of 2 MiB (heron.zo.dual), so it holds no whole-batch transient beside its output:
             the memory the dual schedule's 2 activations and the sequential one's 1 need. False runs
@@ -279,6 +283,9 @@ class ZOUpdater(_Updater):
         super().__init__(model, loss_fn, lr=lr, weight_decay=weight_decay, seed=seed, params=params, cut=cut,
                          betas=betas, eps=eps)
         self.schedule = _choice(schedule, "schedule", SCHEDULES)
+        if executor == "in_place" and self.schedule != "sequential":
+            raise ValueError(f"executor='in_place' runs one stream at a time: pass schedule='sequential' (got "
+                             f"schedule={schedule!r})")
         if not isinstance(conv_chunks, bool):
             raise TypeError(f"conv_chunks must be True or False, got {conv_chunks!r}")
         self.conv_chunks = conv_chunks
@@ -363,6 +370,8 @@ class ZOUpdater(_Updater):
         """One forward of the model on the batch in pert's stream, and its loss in the same stream:
         (base loss, perturbed loss (the base one in a single-stream pass), the base stream's
         output at the cut module or None)."""
+        if self.executor == "in_place":
+            return self._run_in_place(args, kwargs, targets, pert, keep_cut)
         if self.executor == "fx":
             interpreter = DualStreamInterpreter(self._graph(), pert, self.cut_node if keep_cut else None)
             out = as_tensors(_run_on_batch(interpreter.run, _positional(self.model, args, kwargs), {}))
@@ -380,6 +389,28 @@ class ZOUpdater(_Updater):
             self._reads.setdefault(name, set()).update(routes)
         base, perturbed = (loss.base, loss.pert) if type(loss) is DualTensor else (loss, loss)
         return float(_scalar_loss(base)), float(_scalar_loss(perturbed)), smashed
+
+    def _run_in_place(self, args: tuple, kwargs: dict, targets: Any, pert: Perturbation, keep_cut: bool):
+        """_run for executor="in_place": the model's own forward and the loss, with every trainable
+        parameter holding theta + scale * z in the perturbed pass (restored bit for bit from a copy
+        after it, and the buffers it updated restored too: statistics follow the base pass)."""
+        capture = _CutCapture(self.model, self.cut if keep_cut else None)
+        snapshot = _BufferSnapshot(self._buffers) if pert.stream == "pert" else None
+        named = dict(self.model.named_parameters())
+        perturbed = (PerturbedInPlace([(entry.name, named[entry.name]) for entry in self.layout], pert)
+                     if pert.stream == "pert" else contextlib.nullcontext())
+        try:
+            with perturbed:
+                out = _run_on_batch(self.model, args, kwargs)
+                loss = float(_scalar_loss(self.loss_fn(out, targets)))
+                del out
+        finally:
+            capture.close()
+            if snapshot is not None:
+                snapshot.restore()
+        for name, routes in pert.reads.items():
+            self._reads.setdefault(name, set()).update(routes)
+        return loss, loss, capture.value
 
     def _sequential_losses(self, args: tuple, kwargs: dict, targets: Any, step: int, seeds: list[int],
                            norms: list[float], ids: dict[int, str], rng: _RandomState):
