@@ -4,6 +4,7 @@ The models of tests/zo/test_any_model.py at benchmark size (tests/zo/third_party
 patterns written out, Hugging Face GPT-2 / BERT / Llama from configs (bare and with PEFT LoRA r=8)
 and the pretrained MiniLM. For each model one `heron.profile_steps` run interleaves the timed steps
 of every updater (Adam, lr 1e-4): `zo` (ZOUpdater, dual schedule), `zo-seq` (sequential schedule),
+`zo-inplace` (sequential, executor="in_place"),
 `mezo` (MeZOUpdater), `fo` (FOUpdater, backprop). Prints a table (time and peak memory per step,
 ratios to MeZO-style) and writes the JSON.
 
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; valid: {list(table)}")
     results = {}
-    print(f"{'model':<26} {'trainable':>10} {'executor':>8}  " + "  ".join(f"{k + ' s':>9} {k + ' MB':>9}"
-                                                                         for k in UPDATERS) + "  mezo/zo  mezo/zo-seq  mezo/zo-inplace")
+    columns = "  ".join(f"{k + ' s':>9} {k + ' MB':>9}" for k in UPDATERS)
+    print(f"{'model':<26} {'trainable':>10} {'executor':>8}  {columns}  mezo/zo  mezo/zo-seq  mezo/zo-inplace")
     for name in names:
         result = profile(name, table[name], args.warmup, args.repeats, clock)
         results[name] = result

@@ -72,7 +72,8 @@ def table(path: Path) -> list[str]:
     return linear_table(rows)
 
 
-_UPDATERS = ("zo", "zo-seq", "mezo", "fo")
+_UPDATERS = ("zo", "zo-seq", "zo-inplace", "mezo", "fo")
+_ZO = ("zo", "zo-seq", "zo-inplace")
 
 
 def _allocator(report: dict) -> str:
@@ -83,7 +84,7 @@ def _allocator(report: dict) -> str:
 def any_model_table(reports: list[dict]) -> list[str]:
     """Time and peak memory per step (the first report) and MeZO time / ZO time (every report),
     one row per model."""
-    ratios = " | ".join(f"MeZO / ZO, {_allocator(r)} (zo / zo-seq)" for r in reports)
+    ratios = " | ".join(f"MeZO / ZO, {_allocator(r)} ({' / '.join(_ZO)})" for r in reports)
     lines = [f"| model | trainable | executor | {' | '.join(k + ' s' for k in _UPDATERS)} | peak MB "
              f"{' / '.join(_UPDATERS)} | {ratios} |", "|---" * (4 + len(_UPDATERS) + len(reports)) + "|"]
     for name, model in reports[0]["models"].items():
@@ -93,8 +94,7 @@ def any_model_table(reports: list[dict]) -> list[str]:
         ratio_cells = []
         for report in reports:
             v = report["models"][name]["updaters"]
-            ratio_cells.append(f"{v['mezo']['time_s'] / v['zo']['time_s']:.2f} / "
-                               f"{v['mezo']['time_s'] / v['zo-seq']['time_s']:.2f}")
+            ratio_cells.append(" / ".join(f"{v['mezo']['time_s'] / v[k]['time_s']:.2f}" for k in _ZO))
         lines.append(f"| {model.get('description', name)} | {model['trainable_parameters']:,} | {model['executor']} | "
                      f"{' | '.join(cells)} | {memory} | {' | '.join(ratio_cells)} |")
     return lines
