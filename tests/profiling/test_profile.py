@@ -139,8 +139,9 @@ def test_full_parameter_transformer_preset():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     blocks = {n for n in dict(model.named_parameters()) if not any(k in n for k in (".wte.", ".wpe.", ".unembed."))}
     assert trainable == blocks and any("mlp_fc.weight" in n for n in trainable)
-    for kind in ("zo", "mezo", "fo"):
+    for kind in ("zo", "zo-inplace", "mezo", "fo"):
         updater = build_updater(kind, config)
+        assert kind != "zo-inplace" or (updater.executor, updater.schedule) == ("in_place", "sequential")
         before = {n: p.clone() for n, p in updater.model.named_parameters()}
         result = updater.step(config.batch)
         assert not result.skipped and math.isfinite(result.loss)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof = commands.add_parser("profile", help="peak memory, FLOPs and time of one client step, updaters side by side")
     prof.add_argument("--model", required=True, choices=list(PROFILE_CONFIGS))
     prof.add_argument("--updaters", default="zo,zo-seq,fo,mezo",
-                      help="comma-separated from zo, zo-seq (the sequential schedule), zo-lowrank (rank-8 "
+                      help="comma-separated from zo, zo-seq (the sequential schedule), zo-inplace (sequential, "
+                           "executor='in_place'), zo-lowrank (rank-8 "
                            "directions on Linear/Conv1D/Conv2d weights), zo-seq-lowrank (both), zo-whole, zo-seq-whole "
                            "(whole-batch convolutions, conv_chunks=False), fo, mezo")
     prof.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -78,10 +78,11 @@ def gpt2m_full(batch_size: int = 2, seq_len: int = 128, device: str = "cpu",
 
 CONFIGS: dict[str, Callable[..., ClientConfig]] = {"resnet18-paper": resnet18_paper, "gpt2m-paper": gpt2m_paper,
                                                     "gpt2m-full": gpt2m_full}
-FORWARD_ONLY = ("zo", "zo-seq", "zo-lowrank", "zo-seq-lowrank", "zo-whole", "zo-seq-whole", "mezo")
+FORWARD_ONLY = ("zo", "zo-seq", "zo-inplace", "zo-lowrank", "zo-seq-lowrank", "zo-whole", "zo-seq-whole", "mezo")
 # zo-lowrank: rank-8 directions on Linear and Conv2d weights (the paper's LoRA rank); zo-whole:
-# whole-batch convolutions (conv_chunks=False).
+# whole-batch convolutions (conv_chunks=False); zo-inplace: executor="in_place".
 UPDATERS = {**updaters.UPDATERS, "zo-seq": functools.partial(ZOUpdater, schedule="sequential"),
+            "zo-inplace": functools.partial(ZOUpdater, schedule="sequential", executor="in_place"),
             "zo-whole": functools.partial(ZOUpdater, conv_chunks=False),
             "zo-seq-whole": functools.partial(ZOUpdater, schedule="sequential", conv_chunks=False),
             "zo-lowrank": functools.partial(ZOUpdater, perturbation="lowrank", rank=8),
