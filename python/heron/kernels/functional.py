@@ -366,6 +366,11 @@ def _in_place(param: torch.Tensor, update) -> torch.Tensor:
     return param
 
 
+def _sgd_hyper(lr, weight_decay) -> dict[str, float]:
+    """The SGD ops' hyperparameter arguments, checked."""
+    return {"lr": check_scalar(lr, "lr"), "weight_decay": check_scalar(weight_decay, "weight_decay", non_negative=True)}
+
+
 def zo_sgd_update_(
     param: torch.Tensor, seed: int | Sequence[tuple[int, float]], grad: float | torch.Tensor | None = None, *,
     lr: float, offset: int = 0, weight_decay: float = 0.0, rank: int = 0, u_seed: int | None = None,
@@ -388,16 +393,15 @@ def zo_sgd_update_(
     """
     _check_param(param)
     seeds, grads = _directions(seed, grad, param.device)
-    lr = check_scalar(lr, "lr")
-    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
+    hyper = _sgd_hyper(lr, weight_decay)
     offset = check_key(0, offset, param.numel())[1]
     name = _backend_name(backend, param.device)
     if rank == 0:
         return _in_place(param, lambda p: torch.ops.heron.zo_sgd_update_(
-            param=p, seeds=seeds, grads=grads, offset=offset, lr=lr, weight_decay=weight_decay, backend=name))
+            param=p, seeds=seeds, grads=grads, offset=offset, **hyper, backend=name))
     keys = _lowrank_keys(param, seeds, offset, rank, u_seed, u_offset, v_offset)
     return _in_place(param, lambda p: torch.ops.heron.lowrank_zo_sgd_update_(
-        param=p, seeds=seeds, grads=grads, lr=lr, weight_decay=weight_decay, **keys, backend=name))
+        param=p, seeds=seeds, grads=grads, **hyper, **keys, backend=name))
 
 
 def _check_moments(param: torch.Tensor, exp_avg: object, exp_avg_sq: object, index: str = "") -> None:
@@ -485,12 +489,11 @@ def zo_sgd_update_many_(
     params, offsets = _checked_params(params, offsets)
     _check_disjoint(*((p, f"params[{i}]") for i, p in enumerate(params)))
     seeds, grads = _directions(seed, grad, params[0].device)
-    lr = check_scalar(lr, "lr")
-    weight_decay = check_scalar(weight_decay, "weight_decay", non_negative=True)
+    hyper = _sgd_hyper(lr, weight_decay)
     name = _backend_name(backend, params[0].device)
     for param, offset in zip(params, offsets, strict=True):
         _in_place(param, lambda p, offset=offset: torch.ops.heron.zo_sgd_update_(
-            param=p, seeds=seeds, grads=grads, offset=offset, lr=lr, weight_decay=weight_decay, backend=name))
+            param=p, seeds=seeds, grads=grads, offset=offset, **hyper, backend=name))
     return params
 
 

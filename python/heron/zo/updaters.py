@@ -514,8 +514,7 @@ class ZOUpdater(_Updater):
                 HF.zo_sgd_update_many_(params, pairs, lr=self.lr, offsets=offsets, weight_decay=self.weight_decay,
                                        backend=self.backend)
             else:
-                moments = [[m.view(param.shape) for m in self._moments(entry.name, stored)]
-                           for entry, stored, param in full]
+                moments = [self._moment_views(entry.name, stored, param) for entry, stored, param in full]
                 HF.zo_adam_update_many_(params, [m for m, _ in moments], [v for _, v in moments], pairs,
                                         lr=self.lr, step=step + 1, offsets=offsets, betas=self.betas, eps=self.eps,
                                         weight_decay=self.weight_decay,
@@ -528,7 +527,7 @@ class ZOUpdater(_Updater):
                 HF.zo_sgd_update_(param, pairs, lr=self.lr, offset=entry.offset, weight_decay=self.weight_decay,
                                   backend=self.backend, **lowrank)
             else:
-                exp_avg, exp_avg_sq = (m.view(param.shape) for m in self._moments(entry.name, stored))
+                exp_avg, exp_avg_sq = self._moment_views(entry.name, stored, param)
                 HF.zo_adam_update_(param, exp_avg, exp_avg_sq, pairs, lr=self.lr, step=step + 1,
                                    offset=entry.offset, betas=self.betas, eps=self.eps,
                                    weight_decay=self.weight_decay, decoupled_weight_decay=self.optimizer == "adamw",
@@ -550,6 +549,12 @@ class ZOUpdater(_Updater):
             else:
                 targets.append((entry, stored, stored, 0))
         return targets
+
+    def _moment_views(self, name: str, stored: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameter `name`'s Adam moments (kept in the stored parameter's shape) viewed as the
+        tensor its update writes (`param`: the parameter, or a low-rank weight's matrix view)."""
+        exp_avg, exp_avg_sq = self._moments(name, stored)
+        return exp_avg.view(param.shape), exp_avg_sq.view(param.shape)
 
     def _moments(self, name: str, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.state:
